@@ -1,0 +1,15 @@
+// pyengine._C: the CPU backend.
+#include "bindings/bind_ops.h"
+
+#ifndef PE_VERSION
+#define PE_VERSION "0.0.0"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyengine CPU kernels (OpenMP + SIMD)";
+  PE_BIND_OPS(m, ::pyengine::cpu);
+  m.def("set_num_threads", &pyengine::cpu::set_num_threads);
+  m.def("num_threads", &pyengine::cpu::num_threads);
+  m.def("simd_level", &pyengine::cpu::simd_level);
+  m.attr("__version__") = PE_VERSION;
+}

@@ -1,0 +1,115 @@
+// CPU backend entry points: pick the SIMD table once, resolve the device-resident scalars
+// (on the CPU they are plain host floats), then call the table.
+#include <omp.h>
+
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/op_table.h"
+#include "kernels/loss_scale.h"
+#include "kernels/norm.h"
+
+namespace pyengine {
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f32: return "float32";
+    case DType::f16: return "float16";
+    case DType::bf16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+namespace cpu {
+namespace {
+
+const OpTable& pick_table() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return isa_avx2::table;
+#endif
+  return isa_generic::table;
+}
+
+const OpTable& ops() {
+  static const OpTable& t = pick_table();
+  return t;
+}
+
+std::atomic<int> g_threads{0};
+
+void check_n(std::int64_t n, const char* op) {
+  if (n < 0) throw std::invalid_argument(std::string(op) + ": n must be >= 0");
+}
+
+}  // namespace
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
+  g_threads = n;
+}
+int num_threads() {
+  int n = g_threads.load();
+  return n > 0 ? n : omp_get_max_threads();
+}
+const char* simd_level() { return ops().name; }
+
+void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, float alpha, Stream) {
+  check_n(n, "accumulate");
+  ops().accumulate(dst, src, src_dtype, n, alpha);
+}
+
+void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, float alpha,
+                Stream) {
+  check_n(n, "cast_scale");
+  ops().cast_scale(dst, dst_dtype, src, src_dtype, n, alpha);
+}
+
+void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::int64_t n,
+                         const float* inv_scale, float* found_inf, float* sumsq, float*, Stream) {
+  check_n(n, "unscale_check_sumsq");
+  bool nonfinite = false;
+  double s = ops().unscale_check_sumsq(src, src_dtype, dst, dst_dtype, n, inv_scale ? *inv_scale : 1.0f,
+                                       &nonfinite);
+  if (sumsq) *sumsq = static_cast<float>(static_cast<double>(*sumsq) + s);
+  if (nonfinite && found_inf) *found_inf = 1.0f;
+}
+
+void clip_coef(const float* sumsq, const float* inv_scale, float max_norm, float* out, Stream) {
+  kernels::clip_coefficient(*sumsq, inv_scale ? *inv_scale : 1.0f, max_norm, out);
+}
+
+void adam_step(float* master, float* exp_avg, float* exp_avg_sq, const void* grad, DType grad_dtype,
+               void* model, DType model_dtype, std::int64_t n, const float* grad_scale,
+               const float* found_inf, float* step, const AdamConfig& cfg, Stream) {
+  check_n(n, "adam_step");
+  if (found_inf && *found_inf != 0.0f) return;  // skipped: nothing is touched, step included
+  float next = *step + 1.0f;
+  ops().adam_step(master, exp_avg, exp_avg_sq, grad, grad_dtype, model, model_dtype, n,
+                  grad_scale ? *grad_scale : 1.0f, kernels::adam_coeffs(cfg, next));
+  *step = next;
+}
+
+void sgd_step(float* master, float* momentum_buf, const void* grad, DType grad_dtype, void* model,
+              DType model_dtype, std::int64_t n, const float* grad_scale, const float* found_inf, float* step,
+              const SgdConfig& cfg, Stream) {
+  check_n(n, "sgd_step");
+  if (found_inf && *found_inf != 0.0f) return;
+  ops().sgd_step(master, momentum_buf, grad, grad_dtype, model, model_dtype, n,
+                 grad_scale ? *grad_scale : 1.0f, cfg, *step == 0.0f);
+  *step += 1.0f;
+}
+
+void update_loss_scale(float* state, const float* found_inf, const LossScaleConfig& cfg, Stream) {
+  kernels::update_loss_scale(state, found_inf ? *found_inf : 0.0f, cfg);
+}
+
+void multi_copy(const std::uintptr_t* tensors, const std::int64_t* numels, int count, DType tensor_dtype,
+                void* flat, DType flat_dtype, float alpha, bool to_flat, Stream) {
+  ops().multi_copy(tensors, numels, count, tensor_dtype, flat, flat_dtype, alpha, to_flat);
+}
+
+}  // namespace cpu
+}  // namespace pyengine

@@ -1,0 +1,36 @@
+// The CPU ops that have SIMD variants. ops_simd.cpp is compiled once per ISA level, each copy
+// filling one OpTable; dispatch.cpp picks the best table the running CPU supports.
+//
+// Note: compiling one source twice (generic x86-64, and AVX2+FMA+F16C) lets the compiler
+// vectorize the same functor loops for each level, and one wheel runs on any x86-64 CPU.
+#pragma once
+#include <cstdint>
+
+#include "kernels/adam.h"
+#include "pyengine/core.h"
+
+namespace pyengine::cpu {
+
+struct OpTable {
+  const char* name;
+  void (*accumulate)(float* dst, const void* src, DType src_dtype, std::int64_t n, float alpha);
+  void (*cast_scale)(void* dst, DType dst_dtype, const void* src, DType src_dtype,
+                     std::int64_t n, float alpha);
+  // Returns the sum of squares; sets *nonfinite when any scaled value is inf or NaN.
+  double (*unscale_check_sumsq)(const void* src, DType src_dtype, void* dst, DType dst_dtype,
+                                std::int64_t n, float inv_scale, bool* nonfinite);
+  void (*adam_step)(float* master, float* exp_avg, float* exp_avg_sq, const void* grad,
+                    DType grad_dtype, void* model, DType model_dtype, std::int64_t n,
+                    float grad_scale, const kernels::AdamCoeffs& k);
+  void (*sgd_step)(float* master, float* momentum_buf, const void* grad, DType grad_dtype,
+                   void* model, DType model_dtype, std::int64_t n, float grad_scale,
+                   const SgdConfig& cfg, bool first_step);
+  void (*multi_copy)(const std::uintptr_t* tensors, const std::int64_t* numels, int count,
+                     DType tensor_dtype, void* flat, DType flat_dtype, float alpha, bool to_flat);
+};
+
+int num_threads();
+namespace isa_generic { extern const OpTable table; }
+namespace isa_avx2 { extern const OpTable table; }
+
+}  // namespace pyengine::cpu

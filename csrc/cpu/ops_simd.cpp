@@ -1,0 +1,213 @@
+// CPU drivers for the streaming ops: OpenMP over contiguous ranges, `omp simd` inner loops
+// over the shared element functors. Compiled once per ISA level (PE_ISA names the copy).
+#include <vector>
+
+#include "cpu/convert.h"
+#include "cpu/op_table.h"
+#include "cpu/parallel.h"
+#include "kernels/adam.h"
+#include "kernels/sgd.h"
+#include "kernels/unscale.h"
+
+#ifndef PE_ISA
+#error "PE_ISA must name the ISA namespace"
+#endif
+
+namespace pyengine::cpu::PE_ISA {
+namespace {
+
+namespace k = pyengine::kernels;
+
+template <class M> inline void store_model(M* out, std::int64_t i, float p) { out[i] = from_float<M>(p); }
+template <> inline void store_model<NoModel>(NoModel*, std::int64_t, float) {}
+
+template <class F> void with_model_dtype(void* model, DType t, F&& f) {
+  if (model == nullptr) f(NoModel{});
+  else with_dtype(t, f);
+}
+
+void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, float alpha) {
+  with_dtype(src_dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* s = static_cast<const S*>(src);
+    parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
+#pragma omp simd
+      for (std::int64_t i = b; i < e; ++i) dst[i] = k::accumulate_value(dst[i], to_float(s[i]), alpha);
+    });
+  });
+}
+
+template <class S, class D> void cast_range(const S* s, D* d, std::int64_t b, std::int64_t e, float alpha) {
+  if (alpha == 1.0f) {
+#pragma omp simd
+    for (std::int64_t i = b; i < e; ++i) d[i] = from_float<D>(to_float(s[i]));
+  } else {
+#pragma omp simd
+    for (std::int64_t i = b; i < e; ++i) d[i] = from_float<D>(k::scale_value(to_float(s[i]), alpha));
+  }
+}
+
+void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, float alpha) {
+  with_dtype(src_dtype, [&](auto stag) {
+    with_dtype(dst_dtype, [&](auto dtag) {
+      using S = decltype(stag);
+      using D = decltype(dtag);
+      parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
+        cast_range(static_cast<const S*>(src), static_cast<D*>(dst), b, e, alpha);
+      });
+    });
+  });
+}
+
+// One fixed chunk: the lane order inside is fixed by this compiled loop.
+template <class S, class D>
+k::SumsqAcc sumsq_chunk(const S* s, D* d, std::int64_t b, std::int64_t e, float inv) {
+  float sq = 0.0f, nf = 0.0f;
+  if (d == nullptr) {
+#pragma omp simd reduction(+ : sq, nf)
+    for (std::int64_t i = b; i < e; ++i) {
+      float y = to_float(s[i]) * inv;
+      sq += y * y;
+      nf += y * 0.0f;
+    }
+  } else {
+#pragma omp simd reduction(+ : sq, nf)
+    for (std::int64_t i = b; i < e; ++i) {
+      float y = to_float(s[i]) * inv;
+      d[i] = from_float<D>(y);
+      sq += y * y;
+      nf += y * 0.0f;
+    }
+  }
+  return k::SumsqAcc{sq, nf};
+}
+
+double unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_dtype,
+                           std::int64_t n, float inv_scale, bool* nonfinite) {
+  std::int64_t chunks = reduce_partials(n);
+  std::vector<k::SumsqAcc> partial(static_cast<size_t>(chunks));
+  with_dtype(src_dtype, [&](auto stag) {
+    with_dtype(dst_dtype, [&](auto dtag) {
+      using S = decltype(stag);
+      using D = decltype(dtag);
+      const S* s = static_cast<const S*>(src);
+      D* d = static_cast<D*>(dst);
+      parallel_pieces(chunks, n, [&](std::int64_t c) {
+        std::int64_t b = c * kReduceChunk, e = std::min(n, b + kReduceChunk);
+        partial[c] = sumsq_chunk(s, d, b, e, inv_scale);
+      });
+    });
+  });
+  // Note: chunk sums are combined in chunk order, in double: the result depends on the data
+  // alone, not on how chunks were shared among threads.
+  double total = 0.0, nf = 0.0;
+  for (const auto& p : partial) {
+    total += p.sumsq;
+    nf += p.nonfinite;
+  }
+  *nonfinite = nf != 0.0;  // NaN != 0
+  return total;
+}
+
+template <class G, class M>
+void adam_range(float* p, float* m, float* v, const G* g, M* out, std::int64_t b, std::int64_t e,
+                float gs, const k::AdamCoeffs& kc) {
+#pragma omp simd
+  for (std::int64_t i = b; i < e; ++i) {
+    float pi = p[i], mi = m[i], vi = v[i];
+    k::adam_update(pi, mi, vi, to_float(g[i]) * gs, kc);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    store_model(out, i, pi);
+  }
+}
+
+void adam_step(float* master, float* exp_avg, float* exp_avg_sq, const void* grad, DType grad_dtype,
+               void* model, DType model_dtype, std::int64_t n, float grad_scale, const k::AdamCoeffs& kc) {
+  with_dtype(grad_dtype, [&](auto gtag) {
+    with_model_dtype(model, model_dtype, [&](auto mtag) {
+      using G = decltype(gtag);
+      using M = decltype(mtag);
+      parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
+        adam_range(master, exp_avg, exp_avg_sq, static_cast<const G*>(grad), static_cast<M*>(model),
+                   b, e, grad_scale, kc);
+      });
+    });
+  });
+}
+
+template <class G, class M>
+void sgd_range(float* p, float* buf, const G* g, M* out, std::int64_t b, std::int64_t e, float gs,
+               const SgdConfig& c, bool first) {
+  if (buf == nullptr) {
+#pragma omp simd
+    for (std::int64_t i = b; i < e; ++i) {
+      float pi = p[i], unused = 0.0f;
+      k::sgd_update<false>(pi, unused, to_float(g[i]) * gs, c, first);
+      p[i] = pi;
+      store_model(out, i, pi);
+    }
+  } else {
+#pragma omp simd
+    for (std::int64_t i = b; i < e; ++i) {
+      float pi = p[i], bi = buf[i];
+      k::sgd_update<true>(pi, bi, to_float(g[i]) * gs, c, first);
+      p[i] = pi;
+      buf[i] = bi;
+      store_model(out, i, pi);
+    }
+  }
+}
+
+void sgd_step(float* master, float* momentum_buf, const void* grad, DType grad_dtype, void* model,
+              DType model_dtype, std::int64_t n, float grad_scale, const SgdConfig& cfg, bool first) {
+  with_dtype(grad_dtype, [&](auto gtag) {
+    with_model_dtype(model, model_dtype, [&](auto mtag) {
+      using G = decltype(gtag);
+      using M = decltype(mtag);
+      parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
+        sgd_range(master, momentum_buf, static_cast<const G*>(grad), static_cast<M*>(model), b, e,
+                  grad_scale, cfg, first);
+      });
+    });
+  });
+}
+
+// Note: tensors are cut into pieces of at most kPiece elements and the pieces shared among
+// threads, so one large tensor among many small ones still uses every thread.
+void multi_copy(const std::uintptr_t* tensors, const std::int64_t* numels, int count, DType tensor_dtype,
+                void* flat, DType flat_dtype, float alpha, bool to_flat) {
+  constexpr std::int64_t kPiece = 1 << 15;
+  struct Piece { int tensor; std::int64_t begin, end, flat_offset; };
+  std::vector<Piece> pieces;
+  std::int64_t offset = 0, total = 0;
+  for (int t = 0; t < count; ++t) {
+    for (std::int64_t b = 0; b < numels[t]; b += kPiece)
+      pieces.push_back({t, b, std::min(numels[t], b + kPiece), offset});
+    offset += numels[t];
+  }
+  total = offset;
+  with_dtype(tensor_dtype, [&](auto ttag) {
+    with_dtype(flat_dtype, [&](auto ftag) {
+      using T = decltype(ttag);
+      using F = decltype(ftag);
+      parallel_pieces(static_cast<std::int64_t>(pieces.size()), total, [&](std::int64_t i) {
+        const Piece& pc = pieces[i];
+        T* t = reinterpret_cast<T*>(tensors[pc.tensor]);
+        F* f = static_cast<F*>(flat) + pc.flat_offset;
+        if (to_flat) cast_range(t, f, pc.begin, pc.end, alpha);
+        else cast_range(f, t, pc.begin, pc.end, alpha);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+#define PE_STR2(x) #x
+#define PE_STR(x) PE_STR2(x)
+extern const OpTable table = {PE_STR(PE_ISA_LABEL), accumulate, cast_scale, unscale_check_sumsq,
+                              adam_step, sgd_step, multi_copy};
+
+}  // namespace pyengine::cpu::PE_ISA

@@ -1,0 +1,48 @@
+// CUDA backend: loss-scale update kernel and device queries.
+#include <mutex>
+#include <vector>
+
+#include "cuda/launch.cuh"
+#include "kernels/loss_scale.h"
+
+#ifndef PE_CUDA_ARCHS
+#define PE_CUDA_ARCHS ""
+#endif
+
+namespace pyengine::cuda {
+namespace {
+
+__global__ void loss_scale_kernel(float* state, const float* found_inf, LossScaleConfig cfg) {
+  kernels::update_loss_scale(state, found_inf ? *found_inf : 0.0f, cfg);
+}
+
+}  // namespace
+
+void update_loss_scale(float* state, const float* found_inf, const LossScaleConfig& cfg, Stream s) {
+  loss_scale_kernel<<<1, 1, 0, as_stream(s)>>>(state, found_inf, cfg);
+  check_launch("update_loss_scale");
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // e.g. no driver (error 35): report no GPU, leave no sticky error
+    return 0;
+  }
+  return n;
+}
+
+const char* compiled_archs() { return PE_CUDA_ARCHS; }
+
+int sm_count() {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "sm_count");
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int>(cache.size()) <= dev) cache.resize(dev + 1, 0);
+  if (cache[dev] == 0) check(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev), "sm_count");
+  return cache[dev];
+}
+
+}  // namespace pyengine::cuda

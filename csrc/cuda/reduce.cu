@@ -1,0 +1,125 @@
+// CUDA drivers: fused unscale / non-finite check / sum of squares, and the clip coefficient.
+//
+// Note: the reduction is deterministic in two stages without float atomics. Stage 1: each
+// fixed chunk of kReduceChunk elements is reduced by one block in a fixed thread order and
+// written to its own slot of the workspace. Stage 2: one block folds the slots in a fixed
+// order (in double) and adds the total to the device-resident accumulator. The result
+// depends on the data alone, not on the grid size or the number of SMs.
+#include <cub/block/block_reduce.cuh>
+
+#include "cuda/launch.cuh"
+#include "kernels/norm.h"
+#include "kernels/unscale.h"
+
+namespace pyengine::cuda {
+namespace {
+
+namespace k = pyengine::kernels;
+
+struct AccSum {
+  __device__ k::SumsqAcc operator()(const k::SumsqAcc& a, const k::SumsqAcc& b) const {
+    k::SumsqAcc r = a;
+    r.merge(b);
+    return r;
+  }
+};
+
+struct Partial {
+  double sumsq;
+  float nonfinite;
+};
+struct PartialSum {
+  __device__ Partial operator()(const Partial& a, const Partial& b) const {
+    return {a.sumsq + b.sumsq, a.nonfinite + b.nonfinite};
+  }
+};
+
+constexpr int kPerThread = static_cast<int>(kReduceChunk / kBlock);  // 32 elements
+static_assert(kPerThread % kVec == 0, "chunk must split into vector groups");
+
+// Thread t of a chunk handles groups t, t+kBlock, ... of kVec elements: the same elements in
+// the same order on the vector and the scalar path.
+template <class S, class D>
+__global__ void sumsq_stage1(const S* src, D* dst, std::int64_t n, std::int64_t chunks, const float* inv_scale,
+                             bool vec, k::SumsqAcc* partials) {
+  using Reduce = cub::BlockReduce<k::SumsqAcc, kBlock>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const float inv = inv_scale ? *inv_scale : 1.0f;
+  for (std::int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    k::SumsqAcc acc;
+    const std::int64_t base = c * kReduceChunk;
+    for (int g = 0; g < kPerThread / kVec; ++g) {
+      std::int64_t i = base + (static_cast<std::int64_t>(g) * kBlock + threadIdx.x) * kVec;
+      float x[kVec];
+      if (vec && i + kVec <= n) {
+        load<kVec>(src, i, x);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[j] = i + j < n ? to_float(src[i + j]) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        x[j] *= inv;
+        acc.add(x[j]);
+      }
+      if constexpr (!std::is_same_v<D, NoModel>) {
+        if (vec && i + kVec <= n) {
+          store<kVec>(dst, i, x);
+        } else {
+          for (int j = 0; j < kVec && i + j < n; ++j) dst[i + j] = from_float<D>(x[j]);
+        }
+      }
+    }
+    k::SumsqAcc total = Reduce(tmp).Reduce(acc, AccSum());
+    if (threadIdx.x == 0) partials[c] = total;
+    __syncthreads();  // tmp is reused by the next chunk
+  }
+}
+
+__global__ void sumsq_stage2(const k::SumsqAcc* partials, std::int64_t chunks, float* sumsq, float* found_inf) {
+  using Reduce = cub::BlockReduce<Partial, kBlock>;
+  __shared__ typename Reduce::TempStorage tmp;
+  Partial mine{0.0, 0.0f};
+  for (std::int64_t c = threadIdx.x; c < chunks; c += kBlock) {
+    mine.sumsq += partials[c].sumsq;
+    mine.nonfinite += partials[c].nonfinite;
+  }
+  Partial total = Reduce(tmp).Reduce(mine, PartialSum());
+  if (threadIdx.x == 0) {
+    if (sumsq) *sumsq = static_cast<float>(static_cast<double>(*sumsq) + total.sumsq);
+    if (found_inf && total.nonfinite != 0.0f) *found_inf = 1.0f;  // NaN != 0
+  }
+}
+
+__global__ void clip_kernel(const float* sumsq, const float* inv_scale, float max_norm, float* out) {
+  k::clip_coefficient(*sumsq, inv_scale ? *inv_scale : 1.0f, max_norm, out);
+}
+
+}  // namespace
+
+void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::int64_t n,
+                         const float* inv_scale, float* found_inf, float* sumsq, float* workspace, Stream s) {
+  if (n == 0) return;
+  if (workspace == nullptr) throw std::invalid_argument("unscale_check_sumsq: workspace is required on CUDA");
+  auto* partials = reinterpret_cast<k::SumsqAcc*>(workspace);
+  std::int64_t chunks = reduce_partials(n);
+  with_dtype(src_dtype, [&](auto stag) {
+    with_model_dtype(dst, dst_dtype, [&](auto dtag) {
+      using S = decltype(stag);
+      using D = decltype(dtag);
+      bool vec = aligned(src, sizeof(S)) && (dst == nullptr || aligned(dst, sizeof(D)));
+      sumsq_stage1<S, D><<<grid_for(chunks * kBlock), kBlock, 0, as_stream(s)>>>(
+          static_cast<const S*>(src), static_cast<D*>(dst), n, chunks, inv_scale, vec, partials);
+      check_launch("unscale_check_sumsq");
+    });
+  });
+  sumsq_stage2<<<1, kBlock, 0, as_stream(s)>>>(partials, chunks, sumsq, found_inf);
+  check_launch("unscale_check_sumsq");
+}
+
+void clip_coef(const float* sumsq, const float* inv_scale, float max_norm, float* out, Stream s) {
+  clip_kernel<<<1, 1, 0, as_stream(s)>>>(sumsq, inv_scale, max_norm, out);
+  check_launch("clip_coef");
+}
+
+}  // namespace pyengine::cuda

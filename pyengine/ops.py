@@ -1,0 +1,369 @@
+"""Validated wrappers over the native kernels, for torch tensors on CPU or CUDA, CuPy arrays
+(on CuPy's current stream) and numpy arrays.
+
+Every op checks device, dtype, contiguity, sizes and overlapping buffers and raises a
+ValueError/TypeError naming the argument. On CUDA the kernels run on the current stream
+and nothing here synchronizes with the host. Device-resident scalars (`found_inf`,
+`sumsq`, `inv_scale`, `grad_scale`, `step`, the loss-scale `state`) are float32 arrays on
+the same device as the data.
+"""
+import math
+
+from . import _native
+from ._arrays import BF16, DTYPE_NAMES, F16, F32, ArrayView, view
+
+__all__ = [
+    "accumulate_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",
+    "sgd_step", "update_loss_scale", "new_loss_scale_state", "flatten", "unflatten",
+    "sumsq_workspace", "LOSS_SCALE_STATE_SIZE",
+]
+
+LOSS_SCALE_STATE_SIZE = _native._C.LOSS_SCALE_STATE_SIZE
+_REDUCE_CHUNK = _native._C.REDUCE_CHUNK
+
+
+# ----------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _arr(x, name, writable=False, dtypes=None):
+    v = view(x, name, writable)
+    if dtypes is not None and v.dtype not in dtypes:
+        want = " or ".join(DTYPE_NAMES[d] for d in dtypes)
+        raise TypeError(f"{name}: expected {want}, got {DTYPE_NAMES[v.dtype]}")
+    return v
+
+
+def _opt(x, name, **kw):
+    return None if x is None else _arr(x, name, **kw)
+
+
+def _scalar(x, name, size=1, writable=False):
+    """A device-resident float32 scalar (or small fixed array)."""
+    if x is None:
+        return None
+    v = _arr(x, name, writable, (F32,))
+    if v.numel < size:
+        raise ValueError(f"{name}: expected a float32 array of at least {size} element(s), got {v.numel}")
+    return v
+
+
+def _same_device(views):
+    views = [v for v in views if v is not None]
+    first = views[0]
+    for v in views[1:]:
+        if v.device != first.device:
+            raise ValueError(
+                f"{v.name} is on {v.device_str()} but {first.name} is on {first.device_str()}; "
+                "all arguments must be on the same device"
+            )
+    return first
+
+
+def _same_numel(ref, *others):
+    for v in others:
+        if v is not None and v.numel != ref.numel:
+            raise ValueError(f"{v.name} has {v.numel} elements but {ref.name} has {ref.numel}")
+
+
+def _overlap(a, b):
+    return a.nbytes > 0 and b.nbytes > 0 and a.ptr < b.ptr + b.nbytes and b.ptr < a.ptr + a.nbytes
+
+
+def _no_overlap(views, allow_same=()):
+    """Buffers must not overlap, except the pairs in allow_same when they are identical."""
+    views = [v for v in views if v is not None]
+    for i, a in enumerate(views):
+        for b in views[i + 1 :]:
+            if not _overlap(a, b):
+                continue
+            same = a.ptr == b.ptr and a.nbytes == b.nbytes
+            if same and ((a.name, b.name) in allow_same or (b.name, a.name) in allow_same):
+                continue
+            raise ValueError(f"{a.name} and {b.name} overlap in memory; pass separate buffers")
+
+
+def _float(x, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x):
+        raise ValueError(f"{name}: must not be NaN")
+    if lo is not None and (x < lo or (lo_open and x == lo)):
+        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {x}")
+    if hi is not None and (x > hi or (hi_open and x == hi)):
+        raise ValueError(f"{name}: must be {'<' if hi_open else '<='} {hi}, got {x}")
+    return x
+
+
+def _ptr(v):
+    return 0 if v is None else v.ptr
+
+
+class _Launch:
+    """Backend module, stream and device guard for the views of one call."""
+
+    def __init__(self, ref: ArrayView):
+        self.ref = ref
+        self._guard = None
+        if not ref.is_cuda:
+            self.mod, self.stream = _native._C, 0
+            return
+        self.mod = _native.cuda_module()
+        if ref.kind == "torch":
+            import torch
+
+            self.stream = torch.cuda.current_stream(ref.device[1]).cuda_stream
+            if torch.cuda.current_device() != ref.device[1]:
+                self._guard = torch.cuda.device(ref.device[1])
+        else:
+            self.stream = _cupy_stream(ref)
+            try:
+                import cupy
+
+                self._guard = cupy.cuda.Device(ref.device[1])
+            except ImportError:
+                pass
+
+    def __enter__(self):
+        if self._guard is not None:
+            self._guard.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
+        return False
+
+
+def _cupy_stream(ref):
+    mod = type(ref.obj).__module__ or ""
+    if mod.startswith("cupy"):
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
+    return ref.stream  # the producer's stream from __cuda_array_interface__ (1/2: legacy/per-thread)
+
+
+def _alloc_f32(ref: ArrayView, n: int):
+    """Scratch float32 memory beside ref (torch's or CuPy's allocator: no sync)."""
+    if ref.kind == "torch":
+        import torch
+
+        return torch.empty(n, dtype=torch.float32, device=ref.obj.device)
+    if ref.kind == "cai":
+        import cupy
+
+        return cupy.empty(n, dtype=cupy.float32)
+    import numpy
+
+    return numpy.empty(n, dtype=numpy.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# ops
+
+
+def accumulate_(dst, src, alpha=1.0):
+    """dst += alpha * src, dst float32 (e.g. fp32 main grads), src any float dtype."""
+    d = _arr(dst, "dst", True, (F32,))
+    s = _arr(src, "src")
+    a = _float(alpha, "alpha")
+    _same_device([d, s])
+    _same_numel(d, s)
+    _no_overlap([d, s], allow_same={("dst", "src")})
+    with _Launch(d) as L:
+        L.mod.accumulate(d.ptr, s.ptr, s.dtype, d.numel, a, L.stream)
+    return dst
+
+
+def cast_scale(src, out, alpha=1.0):
+    """out = alpha * src, converting dtype (e.g. predivide into the communication dtype)."""
+    s = _arr(src, "src")
+    o = _arr(out, "out", True)
+    a = _float(alpha, "alpha")
+    _same_device([s, o])
+    _same_numel(s, o)
+    _no_overlap([s, o], allow_same={("src", "out")} if s.dtype == o.dtype else ())
+    with _Launch(s) as L:
+        L.mod.cast_scale(o.ptr, o.dtype, s.ptr, s.dtype, s.numel, a, L.stream)
+    return out
+
+
+def sumsq_workspace(grad):
+    """Scratch that unscale_check_sumsq needs on CUDA for `grad` (reusable across calls)."""
+    g = _arr(grad, "grad")
+    return _alloc_f32(g, 2 * max(1, -(-g.numel // _REDUCE_CHUNK)))
+
+
+def unscale_check_sumsq(grad, found_inf, sumsq, inv_scale=None, out=None, workspace=None):
+    """y = grad * inv_scale; found_inf := 1 if any y is inf/NaN; sumsq += sum(y**2).
+
+    out=None reads only (norm and flag, no write); out=grad unscales in place; any other
+    out receives y in its own dtype. found_inf is only ever set, never cleared.
+    """
+    g = _arr(grad, "grad")
+    f = _scalar(found_inf, "found_inf", writable=True)
+    q = _scalar(sumsq, "sumsq", writable=True)
+    i = _scalar(inv_scale, "inv_scale")
+    o = _opt(out, "out", writable=True)
+    _same_device([g, f, q, i, o])
+    _same_numel(g, o)
+    _no_overlap([g, o, f, q], allow_same={("grad", "out")})
+    _no_overlap([i, f, q])
+    with _Launch(g) as L:
+        w = None
+        if g.is_cuda and g.numel > 0:
+            need = 2 * -(-g.numel // _REDUCE_CHUNK)
+            if workspace is None:
+                workspace = _alloc_f32(g, need)
+            w = _scalar(workspace, "workspace", size=need, writable=True)
+            _same_device([g, w])
+            _no_overlap([g, o, f, q, w], allow_same={("grad", "out")})
+        L.mod.unscale_check_sumsq(g.ptr, g.dtype, _ptr(o), o.dtype if o else F32, g.numel, _ptr(i), f.ptr,
+                                  q.ptr, _ptr(w), L.stream)
+
+
+def clip_coef(sumsq, max_norm, out, inv_scale=None):
+    """out[0] = sqrt(sumsq) (the global norm); out[1] = inv_scale * min(1, max_norm/(norm+1e-6)).
+
+    max_norm None, 0 or inf: no clipping (out[1] = inv_scale).
+    """
+    q = _scalar(sumsq, "sumsq")
+    o = _scalar(out, "out", size=2, writable=True)
+    i = _scalar(inv_scale, "inv_scale")
+    m = math.inf if max_norm is None else _float(max_norm, "max_norm", lo=0.0)
+    _same_device([q, o, i])
+    _no_overlap([q, o])
+    with _Launch(q) as L:
+        L.mod.clip_coef(q.ptr, _ptr(i), m, o.ptr, L.stream)
+    return out
+
+
+def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state):
+    p = _arr(master, "master", True, (F32,))
+    g = _arr(grad, "grad")
+    st = _scalar(step, "step", writable=True)
+    mo = _opt(model, "model", writable=True)
+    gs = _scalar(grad_scale, "grad_scale")
+    fi = _scalar(found_inf, "found_inf")
+    states = [_arr(x, nm, True, (F32,)) if x is not None else None for nm, x in state]
+    _same_device([p, g, st, mo, gs, fi, *states])
+    _same_numel(p, g, mo, *states)
+    _no_overlap([p, g, mo, *states, st], allow_same=())
+    return p, g, st, mo, gs, fi, states
+
+
+def adam_step(master, exp_avg, exp_avg_sq, grad, step, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+              decoupled=False, grad_scale=None, found_inf=None, model=None):
+    """One fused Adam (decoupled=False, L2 decay) or AdamW (decoupled=True) step.
+
+    g = grad * grad_scale; if found_inf != 0 nothing at all changes (step included);
+    otherwise master, exp_avg, exp_avg_sq and step advance as in torch.optim.Adam(W), and
+    model (fp16/bf16/fp32) receives the new master weights.
+    """
+    lr = _float(lr, "lr", lo=0.0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError("betas: expected a pair (beta1, beta2)")
+    b1 = _float(betas[0], "betas[0]", lo=0.0, hi=1.0, hi_open=True)
+    b2 = _float(betas[1], "betas[1]", lo=0.0, hi=1.0, hi_open=True)
+    eps = _float(eps, "eps", lo=0.0)
+    wd = _float(weight_decay, "weight_decay", lo=0.0)
+    p, g, st, mo, gs, fi, (m1, m2) = _optimizer_views(
+        master, grad, step, model, grad_scale, found_inf, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
+    with _Launch(p) as L:
+        L.mod.adam_step(p.ptr, m1.ptr, m2.ptr, g.ptr, g.dtype, _ptr(mo), mo.dtype if mo else F32, p.numel,
+                        _ptr(gs), _ptr(fi), st.ptr, lr, b1, b2, eps, wd, bool(decoupled), L.stream)
+
+
+def adamw_step(master, exp_avg, exp_avg_sq, grad, step, **kw):
+    """adam_step with decoupled weight decay (torch.optim.AdamW)."""
+    return adam_step(master, exp_avg, exp_avg_sq, grad, step, decoupled=True, **kw)
+
+
+def sgd_step(master, grad, step, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+             momentum_buf=None, grad_scale=None, found_inf=None, model=None):
+    """One fused SGD step with torch.optim.SGD's formulas (momentum_buf needed when momentum > 0)."""
+    lr = _float(lr, "lr", lo=0.0)
+    mom = _float(momentum, "momentum", lo=0.0)
+    damp = _float(dampening, "dampening", lo=0.0, hi=1.0)
+    wd = _float(weight_decay, "weight_decay", lo=0.0)
+    if nesterov and (mom <= 0.0 or damp != 0.0):
+        raise ValueError("nesterov: needs momentum > 0 and dampening == 0")
+    if mom > 0.0 and momentum_buf is None:
+        raise ValueError("momentum_buf: required when momentum > 0")
+    p, g, st, mo, gs, fi, (buf,) = _optimizer_views(
+        master, grad, step, model, grad_scale, found_inf, [("momentum_buf", momentum_buf if mom > 0 else None)])
+    with _Launch(p) as L:
+        L.mod.sgd_step(p.ptr, _ptr(buf), g.ptr, g.dtype, _ptr(mo), mo.dtype if mo else F32, p.numel, _ptr(gs),
+                       _ptr(fi), st.ptr, lr, mom, damp, wd, bool(nesterov), L.stream)
+
+
+def new_loss_scale_state(initial_scale, hysteresis, like):
+    """A loss-scale state array (float32 x LOSS_SCALE_STATE_SIZE) on like's device.
+
+    Slots: 0 scale, 1 1/scale, 2 clean steps since the last change, 3 hysteresis left,
+    4 skipped steps in total, 5 consecutive skipped steps, 6 last step's flag.
+    """
+    s = _float(initial_scale, "initial_scale", lo=0.0, lo_open=True)
+    h = int(hysteresis)
+    if h < 1:
+        raise ValueError(f"hysteresis: must be >= 1, got {hysteresis}")
+    import torch
+
+    dev = like.device if isinstance(like, torch.Tensor) else torch.device(like)
+    return torch.tensor([s, 1.0 / s, 0.0, float(h), 0.0, 0.0, 0.0, 0.0], dtype=torch.float32, device=dev)
+
+
+def update_loss_scale(state, found_inf, *, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                      hysteresis=2, min_scale=1.0, max_scale=2.0**24, consecutive_hysteresis=False):
+    """Updates the loss-scale state on the device from found_inf (DeepSpeed hysteresis rules)."""
+    st = _scalar(state, "state", size=LOSS_SCALE_STATE_SIZE, writable=True)
+    fi = _scalar(found_inf, "found_inf")
+    gf = _float(growth_factor, "growth_factor", lo=1.0)
+    bf = _float(backoff_factor, "backoff_factor", lo=0.0, hi=1.0, lo_open=True)
+    mn = _float(min_scale, "min_scale", lo=0.0, lo_open=True)
+    mx = _float(max_scale, "max_scale", lo=mn)
+    if int(growth_interval) < 1:
+        raise ValueError(f"growth_interval: must be >= 1, got {growth_interval}")
+    if int(hysteresis) < 1:
+        raise ValueError(f"hysteresis: must be >= 1, got {hysteresis}")
+    _same_device([st, fi])
+    with _Launch(st) as L:
+        L.mod.update_loss_scale(st.ptr, _ptr(fi), gf, bf, mn, mx, int(growth_interval), int(hysteresis),
+                                bool(consecutive_hysteresis), L.stream)
+
+
+def _multi(tensors, flat, alpha, to_flat):
+    if isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
+        raise TypeError("tensors: expected a list of arrays")
+    f = _arr(flat, "flat", writable=to_flat)
+    views = [_arr(t, f"tensors[{i}]", writable=not to_flat) for i, t in enumerate(tensors)]
+    a = _float(alpha, "alpha")
+    if views:
+        _same_device([f, *views])
+        dt = views[0].dtype
+        for v in views:
+            if v.dtype != dt:
+                raise TypeError(f"{v.name}: all tensors must share one dtype ({DTYPE_NAMES[dt]}), got {DTYPE_NAMES[v.dtype]}")
+    total = sum(v.numel for v in views)
+    if total != f.numel:
+        raise ValueError(f"flat has {f.numel} elements but the tensors hold {total}")
+    _no_overlap([f, *views])
+    if total == 0:
+        return
+    with _Launch(f) as L:
+        L.mod.multi_copy([v.ptr for v in views], [v.numel for v in views], views[0].dtype, f.ptr, f.dtype, a,
+                         to_flat, L.stream)
+
+
+def flatten(tensors, flat, alpha=1.0):
+    """flat = concat(alpha * t for t in tensors), cast to flat's dtype, in one launch."""
+    _multi(tensors, flat, alpha, True)
+    return flat
+
+
+def unflatten(flat, tensors, alpha=1.0):
+    """Scatters alpha * flat back into tensors (cast to their dtype), in one launch."""
+    _multi(tensors, flat, alpha, False)
+    return tensors
