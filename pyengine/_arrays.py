@@ -5,7 +5,7 @@ Note: the kernels take (address, numel, dtype, stream). This module is the one p
 turns a framework object into those, so ops.py validates the same way whatever the caller
 uses, and nothing below needs torch.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 F32, F16, BF16 = 0, 1, 2
 DTYPE_NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
@@ -23,10 +23,10 @@ class ArrayView:
     kind: str  # "torch" | "cai" | "host"
     obj: object
     stream: int = 0  # CAI arrays only: the stream the producer uses
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * _ITEMSIZE[self.dtype]
+    def __post_init__(self):
+        object.__setattr__(self, "nbytes", self.numel * _ITEMSIZE[self.dtype])
 
     @property
     def is_cuda(self) -> bool:
@@ -36,10 +36,15 @@ class ArrayView:
         return "cpu" if not self.is_cuda else f"cuda:{self.device[1]}"
 
 
-def _torch_dtype_code(t):
-    import torch
+_TORCH_CODES = {}
 
-    return {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}.get(t.dtype)
+
+def _torch_dtype_code(t):
+    if not _TORCH_CODES:
+        import torch
+
+        _TORCH_CODES.update({torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16})
+    return _TORCH_CODES.get(t.dtype)
 
 
 def _contiguous_interface(iface, shape, itemsize) -> bool:

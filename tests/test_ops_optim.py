@@ -36,9 +36,11 @@ def test_adam_against_float64(n, grad_dtype, model_dtype, decoupled):
     ep, em, ev = adam_ref(p, m, v, g.double() / 1024.0, 5, 1e-2, 0.9, 0.95, 1e-8, 0.1, decoupled)
     ops.adam_step(p, m, v, g, step, grad_scale=mult, model=model, decoupled=decoupled, **kw)
     assert step.item() == 5.0
+    # Absolute slack: a few fp32 ulps of the largest term (|g| ~ 5), since g + wd*p and the
+    # moment updates can cancel to values near zero.
     assert_close(p, ep, rtol=1e-5, atol=1e-6, msg="master")
-    assert_close(m, em, rtol=1e-5, atol=1e-7, msg="exp_avg")
-    assert_close(v, ev, rtol=1e-5, atol=1e-9, msg="exp_avg_sq")
+    assert_close(m, em, rtol=1e-5, atol=2e-6, msg="exp_avg")
+    assert_close(v, ev, rtol=1e-5, atol=2e-6, msg="exp_avg_sq")
     if model is not None:
         assert torch.equal(model, p.to(model_dtype)), "model copy is the rounded master"
 

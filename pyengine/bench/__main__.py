@@ -1,0 +1,29 @@
+"""python -m pyengine.bench {kernels,step,allreduce,ddp} [options]"""
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pyengine.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="which", required=True)
+    for name, help_text in [
+        ("kernels", "each fused kernel against its PyTorch equivalent, with % of streaming bandwidth"),
+        ("step", "engine.step() against GradScaler.unscale_ + clip_grad_norm_ + fused AdamW"),
+        ("allreduce", "nccl-tests style allreduce table for each available backend"),
+        ("ddp", "the engine against torch DDP, side by side on several ranks"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+        p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+        p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
+        if name in ("allreduce", "ddp"):
+            p.add_argument("--nproc", type=int, default=2, help="ranks to spawn (default 2)")
+    args = parser.parse_args(argv)
+    import importlib
+
+    mod = importlib.import_module(f"pyengine.bench.{args.which}")
+    return mod.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The package as users get it: build info, and a wheel installed into a fresh virtualenv."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+import pyengine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_build_info():
+    info = pyengine.build_info()
+    assert info["version"] == pyengine.__version__
+    assert info["cpu_simd"] in ("avx2", "generic")
+    assert info["omp_threads"] >= 1
+    if info["cuda_compiled"]:
+        assert info["cuda_archs"], "archs must be reported when CUDA kernels are compiled"
+    assert isinstance(info["nccl_compiled"], bool)
+
+
+def test_import_without_gpu_reports_no_device():
+    if pyengine._cuda is None:
+        pytest.skip("built without CUDA kernels")
+    code = "import pyengine; print(pyengine._cuda.device_count(), pyengine.cuda_available())"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"]
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_fresh_venv(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), str(ROOT)], check=True, cwd=ROOT)
+    wheel = next(wheels.glob("pyengine-*.whl"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    # numpy only: the compiled core needs no torch (and no CUDA library) to import and run.
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel), "numpy"], check=True)
+    code = (
+        "import json, numpy as np, pyengine; from pyengine import ops\n"
+        "a = np.arange(5, dtype=np.float32); out = np.zeros(5, dtype=np.float16)\n"
+        "ops.cast_scale(a, out, 0.5)\n"
+        "print(json.dumps({'out': out.tolist(), 'info': pyengine.build_info()}))\n"
+    )
+    res = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["out"] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    if shutil.which("nvcc") and not os.environ.get("PYENGINE_NO_CUDA"):
+        assert data["info"]["cuda_compiled"], "nvcc was on PATH, the wheel must carry the CUDA kernels"

@@ -1,0 +1,167 @@
+"""CUDA kernels against the CPU kernels (and float64 where it matters). Skipped without a GPU."""
+import math
+
+import pytest
+import torch
+
+from conftest import DTYPES, SIZES, assert_close, unaligned
+from pyengine import ops
+
+pytestmark = pytest.mark.cuda
+
+
+def both(*tensors):
+    return [t.clone() for t in tensors], [t.cuda() for t in tensors]
+
+
+@pytest.mark.parametrize("n", SIZES + [2**24 + 3])
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("dst_dtype", DTYPES)
+def test_cast_scale_matches_cpu(n, src_dtype, dst_dtype):
+    src = unaligned(n, src_dtype, n % 3)
+    out_cpu = torch.empty(n, dtype=dst_dtype)
+    out_gpu = torch.empty(n + 1, dtype=dst_dtype, device="cuda")[1:]
+    ops.cast_scale(src, out_cpu, 0.37)
+    ops.cast_scale(src.cuda(), out_gpu, 0.37)
+    assert torch.equal(out_gpu.cpu(), out_cpu)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("src_dtype", DTYPES)
+def test_accumulate_matches_cpu(n, src_dtype):
+    dst = unaligned(n, torch.float32, 1)
+    src = unaligned(n, src_dtype, 0)
+    d_gpu = dst.cuda()
+    ops.accumulate_(dst, src, 0.5)
+    ops.accumulate_(d_gpu, src.cuda(), 0.5)
+    assert torch.equal(d_gpu.cpu(), dst)
+
+
+@pytest.mark.parametrize("n", SIZES + [2**24 + 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("write", [False, True])
+def test_unscale_check_sumsq_matches_cpu_and_is_deterministic(n, dtype, write):
+    g = unaligned(n, dtype, n % 3, scale=100.0)
+    inv = torch.tensor([1 / 64.0])
+    res = []
+    for dev in ("cpu", "cuda", "cuda"):
+        gg = g.to(dev)
+        out = torch.empty_like(gg) if write else None
+        flag, sumsq = torch.zeros(1, device=dev), torch.zeros(1, device=dev)
+        ops.unscale_check_sumsq(gg, flag, sumsq, inv_scale=inv.to(dev), out=out)
+        res.append((flag.item(), sumsq.item(), None if out is None else out.cpu()))
+    assert res[1][1] == res[2][1], "CUDA sum must be bitwise reproducible"
+    assert res[0][0] == res[1][0] == 0.0
+    assert math.isclose(res[0][1], res[1][1], rel_tol=1e-5, abs_tol=1e-30)
+    if write:
+        assert torch.equal(res[0][2], res[1][2])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flag_on_cuda(bad, dtype):
+    g = torch.randn(2**20 + 5, device="cuda").to(dtype)
+    g[2**20 + 4] = bad
+    flag, sumsq = torch.zeros(1, device="cuda"), torch.zeros(1, device="cuda")
+    ops.unscale_check_sumsq(g, flag, sumsq)
+    assert flag.item() == 1.0
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("grad_dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", [None, torch.float16, torch.bfloat16])
+def test_adamw_matches_cpu(n, grad_dtype, model_dtype):
+    p, m = unaligned(n, torch.float32, 1), unaligned(n, torch.float32, 0, scale=0.1)
+    v = unaligned(n, torch.float32, 0).abs_()
+    g = unaligned(n, grad_dtype, 3)
+    step, mult, flag = torch.tensor([2.0]), torch.tensor([0.5]), torch.zeros(1)
+    cpu, gpu = both(p, m, v, g, step, mult, flag)
+    mc = None if model_dtype is None else torch.empty(n, dtype=model_dtype)
+    mg = None if model_dtype is None else torch.empty(n, dtype=model_dtype, device="cuda")
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ops.adamw_step(*cpu[:5], grad_scale=cpu[5], found_inf=cpu[6], model=mc, **kw)
+    ops.adamw_step(*gpu[:5], grad_scale=gpu[5], found_inf=gpu[6], model=mg, **kw)
+    for a, b in zip(cpu[:5], gpu[:5]):
+        assert_close(b.cpu(), a, rtol=2e-6, atol=1e-7, msg="adamw cuda vs cpu")
+    if mc is not None:
+        assert torch.equal(mg.cpu(), gpu[0].cpu().to(model_dtype))
+
+
+@pytest.mark.parametrize("variant", [dict(momentum=0.0), dict(momentum=0.9, nesterov=True)])
+def test_sgd_matches_cpu_and_skips(variant):
+    n = 4097
+    p, buf, g = torch.randn(n), torch.randn(n), torch.randn(n, dtype=torch.float16).float()
+    cpu, gpu = both(p, buf, g, torch.zeros(1))
+    for t, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        ops.sgd_step(t[0], t[2], t[3], lr=0.1, momentum_buf=t[1] if variant["momentum"] else None, **variant)
+    assert_close(gpu[0].cpu(), cpu[0], rtol=1e-6, atol=1e-7, msg="sgd")
+    before = gpu[0].clone()
+    ops.sgd_step(gpu[0], gpu[2], gpu[3], lr=0.1, found_inf=torch.ones(1, device="cuda"))
+    assert torch.equal(gpu[0], before) and gpu[3].item() == 1.0
+
+
+def test_flatten_many_tensors_cuda():
+    tensors = [torch.randn(i * 37 % 70001 + 1, device="cuda").half() for i in range(1500)]
+    flat = torch.empty(sum(t.numel() for t in tensors), device="cuda")
+    ops.flatten(tensors, flat, 2.0)
+    assert torch.equal(flat, torch.cat([t.float() * 2.0 for t in tensors]))
+    back = [torch.empty_like(t) for t in tensors]
+    ops.unflatten(flat, back, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(back, tensors))
+
+
+def test_loss_scale_and_clip_on_device():
+    state = ops.new_loss_scale_state(2.0**16, 2, "cuda")
+    flag = torch.ones(1, device="cuda")
+    for _ in range(2):
+        ops.update_loss_scale(state, flag, hysteresis=2)
+    assert state[0].item() == 2.0**15
+    out = torch.empty(2, device="cuda")
+    ops.clip_coef(torch.tensor([4.0], device="cuda"), 1.0, out, inv_scale=state[1:2])
+    assert math.isclose(out[0].item(), 2.0) and math.isclose(out[1].item(), 2.0**-15 / (2.0 + 1e-6), rel_tol=1e-6)
+
+
+def test_no_host_sync_in_ops():
+    n = 1 << 20
+    g = torch.randn(n, device="cuda").half()
+    p, m, v = (torch.randn(n, device="cuda") for _ in range(3))
+    flag, sumsq, out = torch.zeros(1, device="cuda"), torch.zeros(1, device="cuda"), torch.empty(2, device="cuda")
+    step, state = torch.zeros(1, device="cuda"), ops.new_loss_scale_state(2.0**16, 2, "cuda")
+    ws = ops.sumsq_workspace(g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.unscale_check_sumsq(g, flag, sumsq, inv_scale=state[1:2], workspace=ws)
+        ops.clip_coef(sumsq, 1.0, out, inv_scale=state[1:2])
+        ops.adamw_step(p, m, v, g, step, lr=1e-3, grad_scale=out[1:2], found_inf=flag)
+        ops.update_loss_scale(state, flag)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert step.item() == 1.0
+
+
+def test_runs_on_the_current_stream():
+    s = torch.cuda.Stream()
+    x = torch.randn(1 << 22, device="cuda")
+    out = torch.empty_like(x, dtype=torch.float16)
+    with torch.cuda.stream(s):
+        ops.cast_scale(x, out, 2.0)
+    s.synchronize()
+    assert torch.equal(out, (x * 2.0).half())
+
+
+def test_cupy_arrays():
+    cupy = pytest.importorskip("cupy")
+    src = cupy.random.standard_normal(100003, dtype=cupy.float32)
+    out = cupy.empty(100003, dtype=cupy.float16)
+    ops.cast_scale(src, out, 0.5)
+    assert bool(cupy.all(out == (src * 0.5).astype(cupy.float16)))
+    flag, sumsq = cupy.zeros(1, dtype=cupy.float32), cupy.zeros(1, dtype=cupy.float32)
+    ops.unscale_check_sumsq(src, flag, sumsq, out=None)
+    assert abs(float(sumsq[0]) - float((src.astype(cupy.float64) ** 2).sum())) < 1e-4 * float(sumsq[0])
+    assert float(flag[0]) == 0.0
+
+
+def test_device_mismatch_cuda():
+    with pytest.raises(ValueError, match="same device"):
+        ops.accumulate_(torch.zeros(4, device="cuda"), torch.zeros(4))
