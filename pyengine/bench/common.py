@@ -51,15 +51,23 @@ def side_by_side(fns, device="cpu", repeats=15, warmup=3):
 
 
 def stream_bandwidth(device="cpu", nbytes=None):
-    """Measured streaming copy bandwidth in bytes/s (read + write counted), the ceiling that
-    every memory-bound kernel is compared with."""
+    """Measured streaming bandwidth in bytes/s for the three access patterns kernels use:
+    'read' (sum of one buffer), 'copy' (one buffer into another) and 'update' (a buffer
+    scaled in place; read + write of the same lines, so no write-allocate traffic). Each
+    kernel is held against the ceilings of the patterns it uses."""
     if nbytes is None:
         nbytes = (1 << 28) if torch.device(device).type == "cpu" else (1 << 31)
     n = nbytes // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, repeats=15)
-    return 2 * n * 4 / t
+    t_copy, t_read, t_update = side_by_side(
+        [lambda: dst.copy_(src), lambda: src.sum(), lambda: dst.mul_(1.0)], device, repeats=9)
+    return {"copy": 2 * nbytes / t_copy, "read": nbytes / t_read, "update": 2 * nbytes / t_update}
+
+
+def ideal_time(bytes_by_pattern, bandwidth):
+    """Shortest time the bytes can move at the measured bandwidth of each pattern."""
+    return sum(b / bandwidth[p] for p, b in bytes_by_pattern.items())
 
 
 def device_name(device):
