@@ -1,0 +1,5 @@
+"""NcclComm: pyengine's own NCCL communicator (built into _cuda when NCCL headers were found)."""
+
+
+def available() -> bool:
+    return False

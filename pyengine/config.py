@@ -1,0 +1,166 @@
+"""EngineConfig: every knob of the training step, validated up front."""
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+COMM_BACKENDS = ("auto", "torch", "nccl")
+COMM_DTYPES = (None, "fp32", "fp16", "bf16")
+
+
+@dataclass
+class EngineConfig:
+    """Configuration of an Engine. Every field is checked when the Engine is built.
+
+    Precision and optimizer
+      precision: "fp32" | "bf16" | "fp16", the dtype of the model's parameters (and gradients);
+          master weights and optimizer state are fp32 in every case.
+      optimizer: "adamw" (decoupled decay) | "adam" (L2 decay) | "sgd".
+      lr, betas, eps, weight_decay: as in torch.optim.AdamW / Adam; lr and weight_decay
+          also for SGD. Per-group values come from param_groups.
+      momentum, dampening, nesterov: SGD only, as in torch.optim.SGD.
+      clip_grad_norm: clip the global gradient norm to this value; None: no clipping.
+
+    Accumulation
+      grad_accum_steps: micro-batches per optimizer step; backward() divides the loss by it
+          and step() updates only at the boundary.
+      accum_dtype: "fp32" accumulates half-precision gradients in an fp32 main-grad buffer
+          (4 more bytes per parameter); "param" accumulates in the parameter dtype.
+
+    Loss scaling (fp16 only; bf16 and fp32 use none)
+      loss_scale: "dynamic" or a fixed float.
+      initial_loss_scale, loss_scale_window (clean steps before growing x2),
+      hysteresis (overflows tolerated before backing off x0.5, DeepSpeed's rule),
+      consecutive_hysteresis (restore hysteresis on any clean step), min_loss_scale,
+      max_loss_scale.
+      max_consecutive_skips: after this many skipped steps in a row the engine raises,
+          naming the first parameters with non-finite gradients (0 disables).
+
+    Data parallel (torch.distributed; used when the world size is above 1)
+      comm_backend: "auto" (own NCCL on CUDA when compiled, else torch.distributed) |
+          "torch" | "nccl".
+      comm_dtype: None (the gradient buffer's dtype) | "fp32" | "fp16" | "bf16": the dtype on
+          the wire; averaging is fused into the cast (predivide) so fp16 cannot overflow.
+      bucket_mb, first_bucket_mb: bucket sizes in MiB; a small first bucket starts the
+          communication early.
+      rebuild_buckets: after the first iteration, lay buffers out in the observed
+          gradient-ready order (as PyTorch DDP does).
+      find_unused_parameters: allow parameters that get no gradient in an iteration.
+      comm_timeout: seconds before a stuck collective fails the job with an error.
+      broadcast_params: copy rank 0's parameters and buffers to every rank at start.
+
+    Observability
+      trace_path: write a Chrome trace (chrome://tracing, Perfetto) of backward, buckets
+          and optimizer to this file (per-rank suffix when distributed).
+    """
+
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    clip_grad_norm: Optional[float] = None
+    grad_accum_steps: int = 1
+    accum_dtype: str = "fp32"
+    loss_scale: Union[str, float] = "dynamic"
+    initial_loss_scale: float = 2.0**16
+    loss_scale_window: int = 2000
+    hysteresis: int = 2
+    consecutive_hysteresis: bool = False
+    min_loss_scale: float = 1.0
+    max_loss_scale: float = 2.0**24
+    max_consecutive_skips: int = 50
+    comm_backend: str = "auto"
+    comm_dtype: Optional[str] = None
+    bucket_mb: float = 25.0
+    first_bucket_mb: float = 1.0
+    rebuild_buckets: bool = True
+    find_unused_parameters: bool = False
+    comm_timeout: float = 300.0
+    broadcast_params: bool = True
+    trace_path: Optional[str] = None
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self):
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("accum_dtype", self.accum_dtype, ("fp32", "param"))
+        _choice("comm_backend", self.comm_backend, COMM_BACKENDS)
+        _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        _num("lr", self.lr, lo=0.0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise TypeError(f"EngineConfig.betas: expected a pair (beta1, beta2), got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            _num(f"betas[{i}]", b, lo=0.0, hi=1.0, hi_open=True)
+        self.betas = tuple(float(b) for b in self.betas)
+        _num("eps", self.eps, lo=0.0)
+        _num("weight_decay", self.weight_decay, lo=0.0)
+        _num("momentum", self.momentum, lo=0.0)
+        _num("dampening", self.dampening, lo=0.0, hi=1.0)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("EngineConfig.nesterov: needs momentum > 0 and dampening == 0")
+        if self.clip_grad_norm is not None:
+            _num("clip_grad_norm", self.clip_grad_norm, lo=0.0, lo_open=True)
+        _int("grad_accum_steps", self.grad_accum_steps, lo=1)
+        if isinstance(self.loss_scale, str):
+            _choice("loss_scale", self.loss_scale, ("dynamic",))
+        else:
+            _num("loss_scale", self.loss_scale, lo=0.0, lo_open=True)
+        _num("initial_loss_scale", self.initial_loss_scale, lo=0.0, lo_open=True)
+        _int("loss_scale_window", self.loss_scale_window, lo=1)
+        _int("hysteresis", self.hysteresis, lo=1)
+        _num("min_loss_scale", self.min_loss_scale, lo=0.0, lo_open=True)
+        _num("max_loss_scale", self.max_loss_scale, lo=self.min_loss_scale)
+        _int("max_consecutive_skips", self.max_consecutive_skips, lo=0)
+        _num("bucket_mb", self.bucket_mb, lo=0.0, lo_open=True)
+        _num("first_bucket_mb", self.first_bucket_mb, lo=0.0, lo_open=True)
+        _num("comm_timeout", self.comm_timeout, lo=0.0, lo_open=True)
+        if self.trace_path is not None and not isinstance(self.trace_path, str):
+            raise TypeError("EngineConfig.trace_path: expected a file path (str) or None")
+
+    @property
+    def dynamic_scaling(self) -> bool:
+        return self.precision == "fp16" and self.loss_scale == "dynamic"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"EngineConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"EngineConfig.{name}: {value!r} is not one of {list(allowed)}")
+
+
+def _num(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"EngineConfig.{name}: expected a number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"EngineConfig.{name}: must not be NaN")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"EngineConfig.{name}: must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"EngineConfig.{name}: must be {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+def _int(name, value, lo=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"EngineConfig.{name}: expected an int, got {type(value).__name__}")
+    if lo is not None and value < lo:
+        raise ValueError(f"EngineConfig.{name}: must be >= {lo}, got {value}")
