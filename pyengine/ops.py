@@ -240,9 +240,9 @@ def clip_coef(sumsq, max_norm, out, inv_scale=None):
     return out
 
 
-def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state):
+def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state, zero_grad):
     p = _arr(master, "master", True, (F32,))
-    g = _arr(grad, "grad")
+    g = _arr(grad, "grad", writable=zero_grad)
     st = _scalar(step, "step", writable=True)
     mo = _opt(model, "model", writable=True)
     gs = _scalar(grad_scale, "grad_scale")
@@ -255,12 +255,13 @@ def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state):
 
 
 def adam_step(master, exp_avg, exp_avg_sq, grad, step, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-              decoupled=False, grad_scale=None, found_inf=None, model=None):
+              decoupled=False, grad_scale=None, found_inf=None, model=None, zero_grad=False):
     """One fused Adam (decoupled=False, L2 decay) or AdamW (decoupled=True) step.
 
     g = grad * grad_scale; if found_inf != 0 nothing at all changes (step included);
     otherwise master, exp_avg, exp_avg_sq and step advance as in torch.optim.Adam(W), and
-    model (fp16/bf16/fp32) receives the new master weights.
+    model (fp16/bf16/fp32) receives the new master weights. zero_grad=True clears grad in
+    the same pass (skipped step or not), instead of a separate zeroing pass.
     """
     lr = _float(lr, "lr", lo=0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -270,9 +271,10 @@ def adam_step(master, exp_avg, exp_avg_sq, grad, step, *, lr, betas=(0.9, 0.999)
     eps = _float(eps, "eps", lo=0.0)
     wd = _float(weight_decay, "weight_decay", lo=0.0)
     p, g, st, mo, gs, fi, (m1, m2) = _optimizer_views(
-        master, grad, step, model, grad_scale, found_inf, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
+        master, grad, step, model, grad_scale, found_inf, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
+        zero_grad)
     with _Launch(p) as L:
-        L.mod.adam_step(p.ptr, m1.ptr, m2.ptr, g.ptr, g.dtype, _ptr(mo), mo.dtype if mo else F32, p.numel,
+        L.mod.adam_step(p.ptr, m1.ptr, m2.ptr, g.ptr, g.dtype, bool(zero_grad), _ptr(mo), mo.dtype if mo else F32, p.numel,
                         _ptr(gs), _ptr(fi), st.ptr, lr, b1, b2, eps, wd, bool(decoupled), L.stream)
 
 
@@ -282,8 +284,9 @@ def adamw_step(master, exp_avg, exp_avg_sq, grad, step, **kw):
 
 
 def sgd_step(master, grad, step, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-             momentum_buf=None, grad_scale=None, found_inf=None, model=None):
-    """One fused SGD step with torch.optim.SGD's formulas (momentum_buf needed when momentum > 0)."""
+             momentum_buf=None, grad_scale=None, found_inf=None, model=None, zero_grad=False):
+    """One fused SGD step with torch.optim.SGD's formulas (momentum_buf needed when momentum > 0).
+    zero_grad as in adam_step."""
     lr = _float(lr, "lr", lo=0.0)
     mom = _float(momentum, "momentum", lo=0.0)
     damp = _float(dampening, "dampening", lo=0.0, hi=1.0)
@@ -293,9 +296,10 @@ def sgd_step(master, grad, step, *, lr, momentum=0.0, dampening=0.0, weight_deca
     if mom > 0.0 and momentum_buf is None:
         raise ValueError("momentum_buf: required when momentum > 0")
     p, g, st, mo, gs, fi, (buf,) = _optimizer_views(
-        master, grad, step, model, grad_scale, found_inf, [("momentum_buf", momentum_buf if mom > 0 else None)])
+        master, grad, step, model, grad_scale, found_inf, [("momentum_buf", momentum_buf if mom > 0 else None)],
+        zero_grad)
     with _Launch(p) as L:
-        L.mod.sgd_step(p.ptr, _ptr(buf), g.ptr, g.dtype, _ptr(mo), mo.dtype if mo else F32, p.numel, _ptr(gs),
+        L.mod.sgd_step(p.ptr, _ptr(buf), g.ptr, g.dtype, bool(zero_grad), _ptr(mo), mo.dtype if mo else F32, p.numel, _ptr(gs),
                        _ptr(fi), st.ptr, lr, mom, damp, wd, bool(nesterov), L.stream)
 
 

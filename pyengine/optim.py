@@ -24,7 +24,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, kind, buffers, group_options, defaults, grad_source, found_inf, grad_scale):
         self.kind = kind
         self.buffers = buffers
-        self._grad_source = grad_source  # callable: group index -> flat gradient range to read
+        # callable: group index -> (flat gradient range to read, whether to clear it in the pass)
+        self._grad_source = grad_source
         self._found_inf = found_inf
         self._grad_scale = grad_scale
         groups = []
@@ -66,8 +67,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             s, e = rng.start, rng.end
             master = fb.master_flat[s:e]
             model = None if fb.master_flat is fb.param_flat else fb.param_flat[s:e]
-            grad = self._grad_source(gi)
-            common = dict(grad_scale=self._grad_scale, found_inf=self._found_inf, model=model)
+            grad, zero = self._grad_source(gi)
+            common = dict(grad_scale=self._grad_scale, found_inf=self._found_inf, model=model, zero_grad=zero)
             if self.kind == "sgd":
                 buf = self.flat_state.get("momentum_buffer")
                 ops.sgd_step(master, grad, self.steps[gi], lr=group["lr"], momentum=group["momentum"],

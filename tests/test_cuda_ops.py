@@ -165,3 +165,17 @@ def test_cupy_arrays():
 def test_device_mismatch_cuda():
     with pytest.raises(ValueError, match="same device"):
         ops.accumulate_(torch.zeros(4, device="cuda"), torch.zeros(4))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_zero_grad_cuda(skip):
+    n = 100003
+    p, m, v = (torch.randn(n, device="cuda") for _ in range(3))
+    v.abs_()
+    g = torch.randn(n, device="cuda").half()
+    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    flag = torch.full((1,), 1.0 if skip else 0.0, device="cuda")
+    ops.adamw_step(p, m, v, g.clone(), torch.zeros(1, device="cuda"), lr=0.1, found_inf=flag)
+    ops.adamw_step(p2, m2, v2, g, torch.zeros(1, device="cuda"), lr=0.1, found_inf=flag, zero_grad=True)
+    assert torch.equal(p, p2) and torch.equal(m, m2) and torch.equal(v, v2)
+    assert bool((g == 0).all())

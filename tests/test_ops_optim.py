@@ -128,3 +128,26 @@ def test_inf_gradient_without_flag_check_poisons_only_that_element():
     g = torch.tensor([1.0, float("inf"), 1.0, float("nan"), -1.0])
     ops.adamw_step(p, m, v, g, torch.zeros(1), lr=0.1)
     assert p.isfinite().tolist() == [True, False, True, False, True]
+
+
+@pytest.mark.parametrize("grad_dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_zero_grad_in_the_same_pass(grad_dtype, kind, skip):
+    n = 4099
+    p, m, v = torch.randn(n), torch.randn(n), torch.rand(n)
+    g = unaligned(n, grad_dtype, 1)
+    results = []
+    for zero in (False, True):
+        pp, mm, vv, gg, st = p.clone(), m.clone(), v.clone(), g.clone(), torch.tensor([2.0])
+        flag = torch.tensor([1.0 if skip else 0.0])
+        if kind == "adamw":
+            ops.adamw_step(pp, mm, vv, gg, st, lr=0.1, found_inf=flag, zero_grad=zero)
+        else:
+            ops.sgd_step(pp, gg, st, lr=0.1, momentum=0.9, momentum_buf=mm, found_inf=flag, zero_grad=zero)
+        results.append((pp, mm, vv, gg, st))
+    for a, b in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(a, b), "clearing the gradient must not change the update"
+    assert torch.equal(results[0][3], g), "zero_grad=False leaves the gradient alone"
+    assert bool((results[1][3] == 0).all()), "zero_grad=True clears it, skipped step or not"
+    assert results[1][4].item() == (2.0 if skip else 3.0)

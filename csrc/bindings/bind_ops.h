@@ -43,19 +43,21 @@ inline DType dt(int d) {
     m.def("clip_coef", [](Addr sumsq, Addr inv_scale, float max_norm, Addr out, Addr s) {                     \
       ns::clip_coef(ptr<const float>(sumsq), ptr<const float>(inv_scale), max_norm, ptr<float>(out), s);    \
     }, nogil);                                                                                                \
-    m.def("adam_step", [](Addr p, Addr m1, Addr m2, Addr g, int gdt, Addr model, int mdt, std::int64_t n,    \
+    m.def("adam_step", [](Addr p, Addr m1, Addr m2, Addr g, int gdt, bool zero_grad, Addr model, int mdt,     \
+                          std::int64_t n,                                                                    \
                           Addr grad_scale, Addr found_inf, Addr step, float lr, float beta1, float beta2,   \
                           float eps, float wd, bool decoupled, Addr s) {                                     \
       AdamConfig c{lr, beta1, beta2, eps, wd, decoupled};                                                    \
-      ns::adam_step(ptr<float>(p), ptr<float>(m1), ptr<float>(m2), ptr<const void>(g), dt(gdt),             \
+      ns::adam_step(ptr<float>(p), ptr<float>(m1), ptr<float>(m2), ptr<void>(g), dt(gdt), zero_grad,         \
                     ptr<void>(model), dt(mdt), n, ptr<const float>(grad_scale),                             \
                     ptr<const float>(found_inf), ptr<float>(step), c, s);                                   \
     }, nogil);                                                                                                \
-    m.def("sgd_step", [](Addr p, Addr buf, Addr g, int gdt, Addr model, int mdt, std::int64_t n,             \
+    m.def("sgd_step", [](Addr p, Addr buf, Addr g, int gdt, bool zero_grad, Addr model, int mdt,              \
+                         std::int64_t n,                                                                     \
                          Addr grad_scale, Addr found_inf, Addr step, float lr, float momentum,               \
                          float dampening, float wd, bool nesterov, Addr s) {                                 \
       SgdConfig c{lr, momentum, dampening, wd, nesterov};                                                    \
-      ns::sgd_step(ptr<float>(p), ptr<float>(buf), ptr<const void>(g), dt(gdt), ptr<void>(model), dt(mdt),  \
+      ns::sgd_step(ptr<float>(p), ptr<float>(buf), ptr<void>(g), dt(gdt), zero_grad, ptr<void>(model), dt(mdt), \
                    n, ptr<const float>(grad_scale), ptr<const float>(found_inf), ptr<float>(step), c, s);   \
     }, nogil);                                                                                                \
     m.def("update_loss_scale", [](Addr state, Addr found_inf, float growth, float backoff, float min_scale,  \

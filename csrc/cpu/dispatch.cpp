@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -81,23 +82,32 @@ void clip_coef(const float* sumsq, const float* inv_scale, float max_norm, float
   kernels::clip_coefficient(*sumsq, inv_scale ? *inv_scale : 1.0f, max_norm, out);
 }
 
-void adam_step(float* master, float* exp_avg, float* exp_avg_sq, const void* grad, DType grad_dtype,
+namespace {
+// A skipped step touches nothing but the gradient it was asked to clear.
+bool skip_step(const float* found_inf, void* grad, DType grad_dtype, bool zero_grad, std::int64_t n) {
+  if (!(found_inf && *found_inf != 0.0f)) return false;
+  if (zero_grad && n > 0) std::memset(grad, 0, static_cast<size_t>(n) * dtype_size(grad_dtype));
+  return true;
+}
+}  // namespace
+
+void adam_step(float* master, float* exp_avg, float* exp_avg_sq, void* grad, DType grad_dtype, bool zero_grad,
                void* model, DType model_dtype, std::int64_t n, const float* grad_scale,
                const float* found_inf, float* step, const AdamConfig& cfg, Stream) {
   check_n(n, "adam_step");
-  if (found_inf && *found_inf != 0.0f) return;  // skipped: nothing is touched, step included
+  if (skip_step(found_inf, grad, grad_dtype, zero_grad, n)) return;  // master, state and step untouched
   float next = *step + 1.0f;
-  ops().adam_step(master, exp_avg, exp_avg_sq, grad, grad_dtype, model, model_dtype, n,
+  ops().adam_step(master, exp_avg, exp_avg_sq, grad, grad_dtype, zero_grad, model, model_dtype, n,
                   grad_scale ? *grad_scale : 1.0f, kernels::adam_coeffs(cfg, next));
   *step = next;
 }
 
-void sgd_step(float* master, float* momentum_buf, const void* grad, DType grad_dtype, void* model,
+void sgd_step(float* master, float* momentum_buf, void* grad, DType grad_dtype, bool zero_grad, void* model,
               DType model_dtype, std::int64_t n, const float* grad_scale, const float* found_inf, float* step,
               const SgdConfig& cfg, Stream) {
   check_n(n, "sgd_step");
-  if (found_inf && *found_inf != 0.0f) return;
-  ops().sgd_step(master, momentum_buf, grad, grad_dtype, model, model_dtype, n,
+  if (skip_step(found_inf, grad, grad_dtype, zero_grad, n)) return;
+  ops().sgd_step(master, momentum_buf, grad, grad_dtype, zero_grad, model, model_dtype, n,
                  grad_scale ? *grad_scale : 1.0f, cfg, *step == 0.0f);
   *step += 1.0f;
 }

@@ -19,10 +19,10 @@ struct OpTable {
   // Returns the sum of squares; sets *nonfinite when any scaled value is inf or NaN.
   double (*unscale_check_sumsq)(const void* src, DType src_dtype, void* dst, DType dst_dtype,
                                 std::int64_t n, float inv_scale, bool* nonfinite);
-  void (*adam_step)(float* master, float* exp_avg, float* exp_avg_sq, const void* grad,
-                    DType grad_dtype, void* model, DType model_dtype, std::int64_t n,
+  void (*adam_step)(float* master, float* exp_avg, float* exp_avg_sq, void* grad,
+                    DType grad_dtype, bool zero_grad, void* model, DType model_dtype, std::int64_t n,
                     float grad_scale, const kernels::AdamCoeffs& k);
-  void (*sgd_step)(float* master, float* momentum_buf, const void* grad, DType grad_dtype,
+  void (*sgd_step)(float* master, float* momentum_buf, void* grad, DType grad_dtype, bool zero_grad,
                    void* model, DType model_dtype, std::int64_t n, float grad_scale,
                    const SgdConfig& cfg, bool first_step);
   void (*multi_copy)(const std::uintptr_t* tensors, const std::int64_t* numels, int count,

@@ -1,5 +1,6 @@
 // CPU drivers for the streaming ops: OpenMP over contiguous ranges, `omp simd` inner loops
 // over the shared element functors. Compiled once per ISA level (PE_ISA names the copy).
+#include <type_traits>
 #include <vector>
 
 #include "cpu/convert.h"
@@ -109,13 +110,25 @@ double unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType ds
   return total;
 }
 
-template <class G, class M>
-void adam_range(float* p, float* m, float* v, const G* g, M* out, std::int64_t b, std::int64_t e,
+// Zero: clear each gradient element right after reading it (the line is already in cache).
+template <bool Zero, class G> inline float take_grad(G* g, std::int64_t i) {
+  float x = to_float(g[i]);
+  if constexpr (Zero) g[i] = from_float<G>(0.0f);
+  return x;
+}
+
+template <class F> void with_zero(bool zero_grad, F&& f) {
+  if (zero_grad) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <bool Zero, class G, class M>
+void adam_range(float* p, float* m, float* v, G* g, M* out, std::int64_t b, std::int64_t e,
                 float gs, const k::AdamCoeffs& kc) {
 #pragma omp simd
   for (std::int64_t i = b; i < e; ++i) {
     float pi = p[i], mi = m[i], vi = v[i];
-    k::adam_update(pi, mi, vi, to_float(g[i]) * gs, kc);
+    k::adam_update(pi, mi, vi, take_grad<Zero>(g, i) * gs, kc);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
@@ -123,28 +136,30 @@ void adam_range(float* p, float* m, float* v, const G* g, M* out, std::int64_t b
   }
 }
 
-void adam_step(float* master, float* exp_avg, float* exp_avg_sq, const void* grad, DType grad_dtype,
+void adam_step(float* master, float* exp_avg, float* exp_avg_sq, void* grad, DType grad_dtype, bool zero_grad,
                void* model, DType model_dtype, std::int64_t n, float grad_scale, const k::AdamCoeffs& kc) {
   with_dtype(grad_dtype, [&](auto gtag) {
     with_model_dtype(model, model_dtype, [&](auto mtag) {
-      using G = decltype(gtag);
-      using M = decltype(mtag);
-      parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
-        adam_range(master, exp_avg, exp_avg_sq, static_cast<const G*>(grad), static_cast<M*>(model),
-                   b, e, grad_scale, kc);
+      with_zero(zero_grad, [&](auto ztag) {
+        using G = decltype(gtag);
+        using M = decltype(mtag);
+        parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
+          adam_range<decltype(ztag)::value>(master, exp_avg, exp_avg_sq, static_cast<G*>(grad),
+                                            static_cast<M*>(model), b, e, grad_scale, kc);
+        });
       });
     });
   });
 }
 
-template <class G, class M>
-void sgd_range(float* p, float* buf, const G* g, M* out, std::int64_t b, std::int64_t e, float gs,
+template <bool Zero, class G, class M>
+void sgd_range(float* p, float* buf, G* g, M* out, std::int64_t b, std::int64_t e, float gs,
                const SgdConfig& c, bool first) {
   if (buf == nullptr) {
 #pragma omp simd
     for (std::int64_t i = b; i < e; ++i) {
       float pi = p[i], unused = 0.0f;
-      k::sgd_update<false>(pi, unused, to_float(g[i]) * gs, c, first);
+      k::sgd_update<false>(pi, unused, take_grad<Zero>(g, i) * gs, c, first);
       p[i] = pi;
       store_model(out, i, pi);
     }
@@ -152,7 +167,7 @@ void sgd_range(float* p, float* buf, const G* g, M* out, std::int64_t b, std::in
 #pragma omp simd
     for (std::int64_t i = b; i < e; ++i) {
       float pi = p[i], bi = buf[i];
-      k::sgd_update<true>(pi, bi, to_float(g[i]) * gs, c, first);
+      k::sgd_update<true>(pi, bi, take_grad<Zero>(g, i) * gs, c, first);
       p[i] = pi;
       buf[i] = bi;
       store_model(out, i, pi);
@@ -160,15 +175,17 @@ void sgd_range(float* p, float* buf, const G* g, M* out, std::int64_t b, std::in
   }
 }
 
-void sgd_step(float* master, float* momentum_buf, const void* grad, DType grad_dtype, void* model,
+void sgd_step(float* master, float* momentum_buf, void* grad, DType grad_dtype, bool zero_grad, void* model,
               DType model_dtype, std::int64_t n, float grad_scale, const SgdConfig& cfg, bool first) {
   with_dtype(grad_dtype, [&](auto gtag) {
     with_model_dtype(model, model_dtype, [&](auto mtag) {
-      using G = decltype(gtag);
-      using M = decltype(mtag);
-      parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
-        sgd_range(master, momentum_buf, static_cast<const G*>(grad), static_cast<M*>(model), b, e,
-                  grad_scale, cfg, first);
+      with_zero(zero_grad, [&](auto ztag) {
+        using G = decltype(gtag);
+        using M = decltype(mtag);
+        parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
+          sgd_range<decltype(ztag)::value>(master, momentum_buf, static_cast<G*>(grad), static_cast<M*>(model),
+                                           b, e, grad_scale, cfg, first);
+        });
       });
     });
   });

@@ -67,12 +67,14 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
   /* out[0] = sqrt(sumsq); out[1] = inv_scale * min(1, max_norm / (norm + 1e-6)) */          \
   void clip_coef(const float* sumsq_dev, const float* inv_scale_dev, float max_norm,          \
                  float* out_dev, Stream stream);                                              \
-  void adam_step(float* master, float* exp_avg, float* exp_avg_sq, const void* grad,          \
-                 DType grad_dtype, void* model, DType model_dtype, std::int64_t n,            \
+  /* zero_grad: write 0 to grad after reading it (also on a skipped step), saving the */    \
+  /* separate zeroing pass over the gradient buffer */                                        \
+  void adam_step(float* master, float* exp_avg, float* exp_avg_sq, void* grad,                \
+                 DType grad_dtype, bool zero_grad, void* model, DType model_dtype, std::int64_t n, \
                  const float* grad_scale_dev, const float* found_inf_dev, float* step_dev,    \
                  const AdamConfig& cfg, Stream stream);                                       \
-  void sgd_step(float* master, float* momentum_buf, const void* grad, DType grad_dtype,       \
-                void* model, DType model_dtype, std::int64_t n, const float* grad_scale_dev,  \
+  void sgd_step(float* master, float* momentum_buf, void* grad, DType grad_dtype,             \
+                bool zero_grad, void* model, DType model_dtype, std::int64_t n, const float* grad_scale_dev,  \
                 const float* found_inf_dev, float* step_dev, const SgdConfig& cfg,            \
                 Stream stream);                                                               \
   void update_loss_scale(float* state_dev, const float* found_inf_dev,                        \
