@@ -1,5 +1,126 @@
-"""NcclComm: pyengine's own NCCL communicator (built into _cuda when NCCL headers were found)."""
+"""NcclComm: pyengine's own NCCL communicator (C++, in _cuda), the same small interface as
+TorchComm. Gradient collectives run through it on the caller's CUDA stream; the NCCL unique
+id travels through torch.distributed's store; control messages (start-up checks, layout
+broadcasts) use the torch.distributed process group.
+"""
+import itertools
+import os
+
+import torch
+import torch.distributed as dist
+
+from .. import _native
+from .._arrays import view
+from .base import Comm, CommError
+
+_ids = itertools.count()
+
+
+def _library_path() -> str:
+    """The libnccl.so.2 torch uses; "" lets the loader take the already-loaded one."""
+    try:
+        import nvidia.nccl
+
+        for base in getattr(nvidia.nccl, "__path__", []):
+            cand = os.path.join(base, "lib", "libnccl.so.2")
+            if os.path.exists(cand):
+                return cand
+    except ImportError:
+        pass
+    return ""
 
 
 def available() -> bool:
-    return False
+    cu = _native._cuda
+    if cu is None or not getattr(cu, "HAS_NCCL", False) or not torch.cuda.is_available():
+        return False
+    return cu.nccl_load(_library_path()) == ""
+
+
+class _Work:
+    """Enqueued on the caller's stream: ordering is the stream's; wait() only surfaces errors."""
+
+    def __init__(self, comm):
+        self._comm = comm
+
+    def wait(self):
+        self._comm.check()
+
+
+class NcclComm(Comm):
+    name = "nccl"
+
+    def __init__(self, group=None, timeout=300.0, device=None):
+        cu = _native.cuda_module()
+        err = cu.nccl_load(_library_path())
+        if err:
+            raise RuntimeError(f"pyengine NcclComm: {err}")
+        if not dist.is_initialized():
+            raise RuntimeError("pyengine NcclComm: torch.distributed must be initialized first (its store carries "
+                               "the NCCL unique id)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        key = f"pyengine/nccl_id/{next(_ids)}"
+        store = dist.distributed_c10d._get_default_store()
+        if self.rank == 0:
+            uid = cu.nccl_unique_id(_library_path())
+            store.set(key, uid)
+        else:
+            uid = store.get(key)  # waits up to the store's timeout
+        self._c = cu.NcclComm(bytes(uid), self.rank, self.world_size, self.device.index, float(timeout))
+        self.calls = 0
+
+    def _stream(self):
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def check(self):
+        try:
+            self._c.check()
+        except RuntimeError as exc:
+            raise CommError(f"{exc}. A peer rank probably died, raised or stalled past comm_timeout; "
+                            "the job cannot continue (check the other ranks' errors)") from exc
+
+    def allreduce(self, tensor, average: bool):
+        v = view(tensor, "tensor", writable=True)
+        if not v.is_cuda:
+            raise ValueError("NcclComm.allreduce: tensor must be on a CUDA device")
+        self.calls += 1
+        self._c.allreduce(v.ptr, v.numel, v.dtype, bool(average), self._stream())
+        return _Work(self)
+
+    def reduce_scatter(self, output, input, average: bool):
+        o, i = view(output, "output", writable=True), view(input, "input")
+        if i.numel != o.numel * self.world_size:
+            raise ValueError(f"NcclComm.reduce_scatter: input must hold world_size x output elements "
+                             f"({self.world_size} x {o.numel}), got {i.numel}")
+        if i.dtype != o.dtype:
+            raise TypeError("NcclComm.reduce_scatter: input and output dtypes differ")
+        self._c.reduce_scatter(i.ptr, o.ptr, o.numel, o.dtype, bool(average), self._stream())
+        return _Work(self)
+
+    def all_gather(self, output, input):
+        o, i = view(output, "output", writable=True), view(input, "input")
+        if o.numel != i.numel * self.world_size:
+            raise ValueError(f"NcclComm.all_gather: output must hold world_size x input elements "
+                             f"({self.world_size} x {i.numel}), got {o.numel}")
+        if i.dtype != o.dtype:
+            raise TypeError("NcclComm.all_gather: input and output dtypes differ")
+        self._c.all_gather(i.ptr, o.ptr, i.numel, i.dtype, self._stream())
+        return _Work(self)
+
+    def broadcast(self, tensor, src: int = 0):
+        dist.broadcast(tensor, src=src, group=self.group)
+
+    def all_gather_int(self, value: int):
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        out = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self.group)
+        return [int(x.item()) for x in out]
+
+    def abort(self, why=""):
+        self._c.abort(why)
+
+    def close(self):
+        self._c = None

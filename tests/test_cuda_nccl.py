@@ -1,0 +1,57 @@
+"""pyengine's own NcclComm at world size 1, and its error path. Needs a GPU."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_util import free_port
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture
+def world_of_one():
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_nccl_comm_world_size_one(world_of_one):
+    from pyengine.comm.nccl_comm import NcclComm, available
+
+    assert available()
+    comm = NcclComm(timeout=30.0, device="cuda:0")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(1 << 20, device="cuda").to(dtype)
+        ref = x.clone()
+        comm.allreduce(x, average=True).wait()
+        comm.allreduce(x, average=False).wait()
+        torch.cuda.synchronize()
+        assert torch.equal(x, ref)
+    out = torch.empty(4096, device="cuda")
+    inp = torch.randn(4096, device="cuda")
+    comm.reduce_scatter(out, inp, average=False).wait()
+    torch.cuda.synchronize()
+    assert torch.equal(out, inp)
+    gathered = torch.empty(4096, device="cuda")
+    comm.all_gather(gathered, inp).wait()
+    torch.cuda.synchronize()
+    assert torch.equal(gathered, inp)
+    with pytest.raises(ValueError, match="world_size x output"):
+        comm.reduce_scatter(out[:10], inp, average=False)
+
+
+def test_nccl_comm_error_path(world_of_one):
+    from pyengine.comm.base import CommError
+    from pyengine.comm.nccl_comm import NcclComm
+
+    comm = NcclComm(timeout=30.0, device="cuda:0")
+    x = torch.ones(1024, device="cuda")
+    comm.allreduce(x, average=False).wait()
+    comm.abort("simulated failure")
+    with pytest.raises(CommError, match="simulated failure"):
+        comm.check()
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        comm.allreduce(x, average=False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        NcclComm(timeout=30.0, device="cuda:0").allreduce(torch.ones(4), average=False)
