@@ -1,0 +1,122 @@
+"""report.md and PNG plots of a pyengine-train run."""
+import json
+import statistics
+from pathlib import Path
+
+
+def _load(path):
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def write_plots(out, rows, baseline_rows, summary):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    paths = {}
+    steps = [r["step"] for r in rows]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], label="train loss (pyengine)", lw=1)
+    if baseline_rows:
+        ax.plot([r["step"] for r in baseline_rows], [r["loss"] for r in baseline_rows], label="train loss (torch DDP)",
+                lw=1, alpha=0.7)
+    if summary.get("val_loss") is not None and steps:
+        ax.scatter([steps[-1]], [summary["val_loss"]], color="red", zorder=3, label="held-out loss")
+    ax.axhline(summary["uniform_loss"], color="gray", ls="--", lw=1, label="uniform guess (ln 256)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per byte")
+    ax.set_title("Loss")
+    ax.legend()
+    fig.tight_layout()
+    paths["loss"] = out / "loss.png"
+    fig.savefig(paths["loss"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r["loss_scale"] for r in rows], lw=1, label="loss scale")
+    skipped = [r["step"] for r in rows if r["skipped"]]
+    if skipped:
+        ax.scatter(skipped, [next(x["loss_scale"] for x in rows if x["step"] == s) for s in skipped], color="red",
+                   marker="x", label=f"skipped steps ({len(skipped)})", zorder=3)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("step")
+    ax.set_title("Loss scale (fp16 only; 1 otherwise)")
+    ax.legend()
+    fig.tight_layout()
+    paths["loss_scale"] = out / "loss_scale.png"
+    fig.savefig(paths["loss_scale"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fb = [1e3 * r["fwd_bwd_s"] for r in rows]
+    ex = [1e3 * r["exposed_comm_s"] for r in rows]
+    op = [1e3 * r["optimizer_s"] for r in rows]
+    ax.stackplot(steps, fb, ex, op, labels=["forward + backward", "exposed comm", "optimizer"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("ms")
+    ax.set_title("Step time breakdown (rank 0)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    paths["time"] = out / "step_time.png"
+    fig.savefig(paths["time"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(out, args, summary):
+    out = Path(out)
+    rows = _load(out / "metrics.jsonl")
+    base = summary.get("baseline") or {}
+    base_rows = _load(out / "baseline_ddp.jsonl") if base else []
+    plots = write_plots(out, rows, base_rows, summary)
+    tail = rows[len(rows) // 10:] or rows  # skip warm-up in throughput figures
+    med = lambda k: statistics.median(r[k] for r in tail) if tail else float("nan")
+    tok_s = statistics.median(r["tokens_per_s"] for r in tail) if tail else float("nan")
+    step_s = med("step_s")
+    mem = summary["memory_per_param"]
+    lines = [
+        "# pyengine-train report", "",
+        f"Model **{args['model']}**, {summary['params'] / 1e6:.2f}M parameters; {summary['world_size']} rank(s) on "
+        f"{args['device']}; precision {args['precision']}; {summary['steps_done']} of {args['steps']} steps"
+        + (" (interrupted)" if summary["interrupted"] else "") + ".", "",
+        "## Result", "",
+        "| | nats per byte |", "| --- | --- |",
+        f"| final train loss (last step) | {rows[-1]['loss']:.3f} |" if rows else "| final train loss | - |",
+        f"| held-out loss | {summary['val_loss']:.3f} |",
+        f"| uniform guess (ln 256) | {summary['uniform_loss']:.3f} |", "",
+        "## Throughput and time per step (median, rank 0)", "",
+        "| tokens/s (all ranks) | step ms | forward+backward ms | exposed comm ms | optimizer ms |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {tok_s:,.0f} | {1e3 * step_s:.1f} | {1e3 * med('fwd_bwd_s'):.1f} | {1e3 * med('exposed_comm_s'):.1f} | "
+        f"{1e3 * med('optimizer_s'):.1f} |", "",
+        f"Communication: {summary['comm']['collectives']} collectives, overlap fraction "
+        f"{summary['comm']['overlap_fraction']:.0%} (exposed {summary['comm']['exposed_comm_s']:.2f} s of "
+        f"{summary['comm']['comm_s']:.2f} s). Host-side timings: on a GPU they show launch time, not kernel time.", "",
+        "## Memory per parameter (persistent, bytes)", "",
+        "| " + " | ".join(mem) + " |", "|" + " --- |" * len(mem), "| " + " | ".join(str(v) for v in mem.values()) + " |",
+        "",
+        f"Skipped steps (non-finite gradients): {summary['skipped_steps']}; final loss scale {summary['loss_scale']:g}.",
+        "",
+        "## Plots", "", "![loss](loss.png)", "", "![loss scale](loss_scale.png)", "", "![step time](step_time.png)", "",
+    ]
+    if base:
+        lines += [
+            "## Side by side: torch DDP + AMP", "",
+            "| | pyengine | torch DDP |", "| --- | --- | --- |",
+            f"| tokens/s | {tok_s:,.0f} | {base['tokens_per_s']:,.0f} |",
+            f"| step ms (median) | {1e3 * step_s:.1f} | {1e3 * base['step_s']:.1f} |",
+            f"| final train loss | {rows[-1]['loss']:.3f} | {base['final_loss']:.3f} |" if rows else "",
+            f"| held-out loss | {summary['val_loss']:.3f} | {base['val_loss']:.3f} |",
+            f"| bytes per parameter | {mem['total']} | {base['bytes_per_param']} |", "",
+        ]
+    lines += ["## Sample (generated from a held-out prompt)", "", "```", summary.get("sample", ""), "```", "",
+              "## Configuration", "", "```json", json.dumps(args, indent=1), "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,106 @@
+"""pyengine-train end to end: 2 gloo ranks on a tiny preset, interruption and bitwise resume,
+bad flags, the report and plots."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--model", "tiny", "--batch-size", "4", "--max-data-mb", "0.5", "--eval-batches", "2", "--log-every", "1"]
+
+
+def cli(*args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "pyengine.train", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def test_end_to_end_two_ranks(tmp_path):
+    out = tmp_path / "run"
+    res = cli(*TINY, "--steps", "6", "--out", str(out), "--trace")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    rec = json.loads(lines[-1])
+    assert {"step", "loss", "lr", "loss_scale", "tokens_per_s", "fwd_bwd_s", "exposed_comm_s", "optimizer_s"} <= set(rec)
+    report = (out / "report.md").read_text()
+    assert "held-out loss" in report and "Sample" in report and "bytes" in report
+    for png in ("loss.png", "loss_scale.png", "step_time.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, png
+        from PIL import Image
+
+        with Image.open(out / png) as im:
+            im.verify()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["val_loss"] < summary["uniform_loss"]
+    assert (out / "checkpoint.pt").exists()
+    assert (out / "trace.rank0.json").exists() and (out / "trace.rank1.json").exists()
+
+
+def _master(path):
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    return sd["master"], sd["optimizer"]["state"], sd["boundaries"]
+
+
+def test_interrupt_then_resume_is_bitwise(tmp_path):
+    steps = ["--steps", "60"]
+    ref = tmp_path / "ref"
+    assert cli(*TINY, *steps, "--out", str(ref)).returncode == 0
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "pyengine.train", *TINY, *steps, "--out", str(run)],
+                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    output, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, output[-3000:]
+    stopped = _master(run / "checkpoint.pt")[2]
+    assert 3 <= stopped < 60, "the run must have stopped part-way"
+    assert (run / "report.md").exists(), "an interrupted run still writes its report"
+    res = cli("--resume", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _master(ref / "checkpoint.pt"), _master(run / "checkpoint.pt")
+    assert a[2] == b[2] == 60
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    for sx, sy in zip(a[1], b[1]):
+        for k in sx:
+            assert torch.equal(sx[k], sy[k])
+    steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps_logged == list(range(1, 61)), "metrics continue where they stopped"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "--steps"),
+    (["--precision", "fp8"], "--precision"),
+    (["--data", "/no/such/path"], "no such file"),
+    (["--batch-size", "x"], "--batch-size"),
+    (["--lr", "-1"], "--lr"),
+])
+def test_bad_flags_exit_2(args, message):
+    res = cli(*args)
+    assert res.returncode == 2
+    assert message in res.stderr
+
+
+def test_resume_without_checkpoint_exit_2(tmp_path):
+    res = cli("--resume", str(tmp_path))
+    assert res.returncode == 2 and "no checkpoint.pt" in res.stderr
+
+
+def test_help_documents_every_flag():
+    res = cli("--help")
+    assert res.returncode == 0
+    for flag in ("--steps", "--model", "--batch-size", "--seq-len", "--grad-accum", "--precision", "--comm-dtype",
+                 "--lr", "--data", "--out", "--resume", "--seed", "--baseline", "--trace", "--nproc"):
+        assert flag in res.stdout
