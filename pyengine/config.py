@@ -1,8 +1,9 @@
 """EngineConfig: every knob of the training step, validated up front."""
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
+
+from ._checks import check_number
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -149,14 +150,7 @@ def _choice(name, value, allowed):
 
 
 def _num(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"EngineConfig.{name}: expected a number, got {type(value).__name__}")
-    if math.isnan(value):
-        raise ValueError(f"EngineConfig.{name}: must not be NaN")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"EngineConfig.{name}: must be {'>' if lo_open else '>='} {lo}, got {value}")
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise ValueError(f"EngineConfig.{name}: must be {'<' if hi_open else '<='} {hi}, got {value}")
+    check_number(f"EngineConfig.{name}", value, lo, hi, lo_open, hi_open)
 
 
 def _int(name, value, lo=None):

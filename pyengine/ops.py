@@ -10,6 +10,7 @@ the same device as the data.
 import math
 
 from . import _native
+from ._checks import check_number
 from ._arrays import BF16, DTYPE_NAMES, F16, F32, ArrayView, view
 
 __all__ = [
@@ -84,16 +85,7 @@ def _no_overlap(views, allow_same=()):
 
 
 def _float(x, name, lo=None, hi=None, lo_open=False, hi_open=False):
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(x).__name__}")
-    x = float(x)
-    if math.isnan(x):
-        raise ValueError(f"{name}: must not be NaN")
-    if lo is not None and (x < lo or (lo_open and x == lo)):
-        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {x}")
-    if hi is not None and (x > hi or (hi_open and x == hi)):
-        raise ValueError(f"{name}: must be {'<' if hi_open else '<='} {hi}, got {x}")
-    return x
+    return check_number(name, x, lo, hi, lo_open, hi_open)
 
 
 def _ptr(v):

@@ -11,6 +11,20 @@ def _load(path):
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def _finish(fig, ax, path, title, xlabel="step", ylabel=None, legend_loc="best"):
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend_loc)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out, rows, baseline_rows, summary):
     import matplotlib
 
@@ -29,14 +43,7 @@ def write_plots(out, rows, baseline_rows, summary):
     if summary.get("val_loss") is not None and steps:
         ax.scatter([steps[-1]], [summary["val_loss"]], color="red", zorder=3, label="held-out loss")
     ax.axhline(summary["uniform_loss"], color="gray", ls="--", lw=1, label="uniform guess (ln 256)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per byte")
-    ax.set_title("Loss")
-    ax.legend()
-    fig.tight_layout()
-    paths["loss"] = out / "loss.png"
-    fig.savefig(paths["loss"], dpi=110)
-    plt.close(fig)
+    paths["loss"] = _finish(fig, ax, out / "loss.png", "Loss", ylabel="nats per byte")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(steps, [r["loss_scale"] for r in rows], lw=1, label="loss scale")
@@ -45,27 +52,15 @@ def write_plots(out, rows, baseline_rows, summary):
         ax.scatter(skipped, [next(x["loss_scale"] for x in rows if x["step"] == s) for s in skipped], color="red",
                    marker="x", label=f"skipped steps ({len(skipped)})", zorder=3)
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("step")
-    ax.set_title("Loss scale (fp16 only; 1 otherwise)")
-    ax.legend()
-    fig.tight_layout()
-    paths["loss_scale"] = out / "loss_scale.png"
-    fig.savefig(paths["loss_scale"], dpi=110)
-    plt.close(fig)
+    paths["loss_scale"] = _finish(fig, ax, out / "loss_scale.png", "Loss scale (fp16 only; 1 otherwise)")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     fb = [1e3 * r["fwd_bwd_s"] for r in rows]
     ex = [1e3 * r["exposed_comm_s"] for r in rows]
     op = [1e3 * r["optimizer_s"] for r in rows]
     ax.stackplot(steps, fb, ex, op, labels=["forward + backward", "exposed comm", "optimizer"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("ms")
-    ax.set_title("Step time breakdown (rank 0)")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    paths["time"] = out / "step_time.png"
-    fig.savefig(paths["time"], dpi=110)
-    plt.close(fig)
+    paths["time"] = _finish(fig, ax, out / "step_time.png", "Step time breakdown (rank 0)", ylabel="ms",
+                            legend_loc="upper right")
     return paths
 
 
