@@ -33,6 +33,7 @@ class Reducer:
         self.rebuilt = not cfg.rebuild_buckets
         self._build()
         self.active = False
+        self._gpu_windows = []  # CUDA: (step-start event, [(start, end) per bucket]) not yet folded
 
     def _build(self):
         mb = 1024 * 1024
@@ -98,14 +99,17 @@ class Reducer:
             # The comm stream waits for the gradients produced so far on the compute stream.
             self.comm_stream.wait_stream(torch.cuda.current_stream(self.fb.device))
             with torch.cuda.stream(self.comm_stream):
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.comm_stream)
                 self._cast(grads, wire, predivide)
                 work = self.comm.allreduce(wire, average=not predivide)
                 work.wait()  # NCCL: the comm stream waits; the host does not
                 ops.unscale_check_sumsq(wire, stats[1:2], stats[0:1], inv_scale=self.inv_scale,
                                         workspace=self.workspaces[b.index])
-                ev = torch.cuda.Event(enable_timing=self.tracer.enabled)
+                ev = torch.cuda.Event(enable_timing=True)
                 ev.record(self.comm_stream)
             self.events[b.index] = ev
+            self.launch_times[b.index] = start
             grads.record_stream(self.comm_stream)
         else:
             self._cast(grads, wire, predivide)
@@ -116,7 +120,8 @@ class Reducer:
                 self.done_times[b.index] = time.perf_counter()
 
             self.pending_work.append((b, work, work.then(after)))
-        self.launch_times[b.index] = t0
+        if not self.cuda:
+            self.launch_times[b.index] = t0
         self.stats.collectives += 1
         self.stats.bytes += wire.numel() * wire.element_size()
 
@@ -157,8 +162,11 @@ class Reducer:
             raise RuntimeError("internal: not every bucket was launched; was backward interrupted?")
         if self.cuda:
             cur = torch.cuda.current_stream(self.fb.device)
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record(cur)  # where the optimizer's stream would start without communication
             for ev in self.events.values():
                 cur.wait_event(ev)
+            self._gpu_windows.append((mark, [(self.launch_times[i], self.events[i]) for i in sorted(self.events)]))
         else:
             for b, work, fut in self.pending_work:
                 work.wait()
@@ -177,6 +185,16 @@ class Reducer:
             self.tracer.span("wait for comm (exposed)", t0, t1)
         self.stats.windows += 1
         return self.bucket_stats
+
+    def fold_gpu_timing(self):
+        """CUDA: turn the recorded events into comm / exposed times (waits for them: a sync)."""
+        for mark, spans in self._gpu_windows:
+            for start, end in spans:
+                end.synchronize()
+                self.stats.comm_s += start.elapsed_time(end) / 1e3
+            late = max((mark.elapsed_time(end) for _, end in spans), default=0.0)
+            self.stats.exposed_s += max(0.0, late) / 1e3
+        self._gpu_windows = []
 
     def _name(self, p):
         return getattr(p, "_pyengine_name", "<unnamed>")

@@ -308,7 +308,10 @@ class Engine:
         return d
 
     def stats(self) -> dict:
-        """Communication time, exposed communication time and overlap fraction so far."""
+        """Communication time, exposed communication time and overlap fraction so far.
+        On CUDA this reads the recorded events (a sync)."""
+        if self.reducer is not None and self.reducer.cuda:
+            self.reducer.fold_gpu_timing()
         return self._stats.as_dict()
 
     # -- checkpoints -------------------------------------------------------------------------
