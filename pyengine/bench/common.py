@@ -6,6 +6,7 @@ number against one from another run.
 """
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -73,7 +74,13 @@ def ideal_time(bytes_by_pattern, bandwidth):
 def device_name(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def write_results(kind, device, rows, out_dir, extra=None):
