@@ -36,6 +36,11 @@ class StepResult:
     def skipped(self):
         return self.boundary and float(self._flag) != 0.0
 
+    @property
+    def flag(self):
+        """The non-finite flag as a device tensor (1 when skipped), for logging without a sync."""
+        return self._flag
+
     def __repr__(self):
         return f"StepResult(updated={bool(self)})"
 
@@ -285,6 +290,11 @@ class Engine:
         return float(self._scalars[2].item())
 
     @property
+    def grad_norm_tensor(self):
+        """The same as a one-element device tensor: no sync."""
+        return self._scalars[2:3]
+
+    @property
     def micro_step(self) -> int:
         """Micro-batches done in the current accumulation window."""
         return self._micro
@@ -374,9 +384,12 @@ class Engine:
         self._micro = 0
         self._backward_pending = False
 
-    def save(self, path) -> str:
-        """Writes the checkpoint atomically (temporary file, fsync, rename); rank 0 only."""
+    def save(self, path, extra=None) -> str:
+        """Writes the checkpoint atomically (temporary file, fsync, rename); rank 0 only.
+        `extra` (a dict) is stored under sd["extra"] for the caller's own state."""
         sd = self.state_dict()
+        if extra is not None:
+            sd["extra"] = dict(extra)
         if self.rank != 0:
             return str(path)
         path = os.fspath(path)

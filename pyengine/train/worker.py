@@ -159,9 +159,8 @@ def train(args):
                 st = engine.stats()
                 exposed = st["exposed_comm_s"] - comm_prev["exposed_comm_s"]
                 comm_prev = st
-            flag = result._flag.reshape(()).float()
             pending.append((torch.stack([loss_sum / args.grad_accum, engine.scaler.scale_tensor.reshape(()),
-                                         flag, engine._scalars[2].reshape(())]),
+                                         result.flag.reshape(()), engine.grad_norm_tensor.reshape(())]),
                             {"step": step + 1, "lr": engine.optimizer.param_groups[0]["lr"],
                              "fwd_bwd_s": t1 - t0, "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed),
                              "step_s": t2 - t0}))
@@ -218,15 +217,7 @@ def train(args):
 
 
 def _save(engine, path, world):
-    sd = engine.state_dict()
-    sd["extra"] = {"world_size": world}
-    if engine.rank == 0:
-        tmp = Path(str(path) + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    engine.save(path, extra={"world_size": world})
 
 
 def _flush(pending, metrics, pbar, tokens_per_step, t_window):
