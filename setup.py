@@ -30,24 +30,38 @@ def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _build_dir():
+    return Path(os.environ.get("PYENGINE_BUILD_DIR")
+                or ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}")
+
+
+def _module_file(build_dir, module):
+    found = sorted(build_dir.glob(f"{module}.*.so")) + sorted(build_dir.glob(f"{module}.*.pyd"))
+    return found[0] if found else None
+
+
 class CMakeBuild(build_ext):
-    _built = False
+    def run(self):
+        # One CMake project builds every module. Build it first, then keep only the modules it
+        # produced: _cuda is optional (no nvcc), and setuptools must not expect it then.
+        build_dir = _build_dir()
+        self._cmake(build_dir)
+        self.extensions = [e for e in self.extensions if _module_file(build_dir, e.name.split(".")[-1])]
+        self.distribution.ext_modules = self.extensions
+        if not any(e.name.endswith("_cuda") for e in self.extensions):
+            stale = Path(self.get_ext_fullpath("pyengine._cuda"))  # in place, or in build_lib
+            if stale.exists():
+                stale.unlink()
+        super().run()
 
     def build_extension(self, ext):
-        # One CMake project builds every module; build it once, then copy each module.
-        build_dir = Path(os.environ.get("PYENGINE_BUILD_DIR") or ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}")
-        if not CMakeBuild._built:
-            self._cmake(build_dir)
-            CMakeBuild._built = True
         module = ext.name.split(".")[-1]
-        found = sorted(build_dir.glob(f"{module}.*.so")) + sorted(build_dir.glob(f"{module}.*.pyd"))
+        source = _module_file(_build_dir(), module)
+        if source is None:
+            raise RuntimeError(f"pyengine: CMake did not produce {module}")
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not found:
-            if module == "_cuda":  # optional: not built without nvcc
-                return
-            raise RuntimeError(f"pyengine: CMake did not produce {module}")
-        self.copy_file(str(found[0]), str(target))
+        self.copy_file(str(source), str(target))
 
     def _cmake(self, build_dir):
         import pybind11
@@ -69,11 +83,10 @@ class CMakeBuild(build_ext):
             args.append(f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}")
         except ImportError:
             pass
-        subprocess.run(args, check=True)
-        # Stale modules from an earlier configuration (e.g. CUDA then no CUDA) must not ship.
+        # A module left by an earlier configuration (CUDA, then none) must not ship.
         for old in build_dir.glob("_cuda.*"):
-            if _flag("PYENGINE_NO_CUDA"):
-                old.unlink()
+            old.unlink()
+        subprocess.run(args, check=True)
         subprocess.run(["cmake", "--build", str(build_dir)], check=True)
 
 

@@ -56,3 +56,17 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     assert data["out"] == [0.0, 0.5, 1.0, 1.5, 2.0]
     if shutil.which("nvcc") and not os.environ.get("PYENGINE_NO_CUDA"):
         assert data["info"]["cuda_compiled"], "nvcc was on PATH, the wheel must carry the CUDA kernels"
+
+
+@pytest.mark.slow
+def test_cpu_only_wheel_when_cuda_is_skipped(tmp_path):
+    import zipfile
+
+    env = dict(os.environ, PYENGINE_NO_CUDA="1", PYENGINE_BUILD_DIR=str(tmp_path / "build"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheels"), str(ROOT)], check=True, cwd=ROOT, env=env)
+    wheel = next((tmp_path / "wheels").glob("pyengine-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("pyengine/_C.") for n in names)
+    assert not any(n.startswith("pyengine/_cuda.") for n in names), "no CUDA module when CUDA is skipped"
+    assert "pyengine/ops.py" in names and "pyengine/train/cli.py" in names
