@@ -104,3 +104,11 @@ def test_help_documents_every_flag():
     for flag in ("--steps", "--model", "--batch-size", "--seq-len", "--grad-accum", "--precision", "--comm-dtype",
                  "--lr", "--data", "--out", "--resume", "--seed", "--baseline", "--trace", "--nproc"):
         assert flag in res.stdout
+
+
+def test_a_failing_rank_is_reported_with_its_error(tmp_path):
+    small = tmp_path / "tiny.txt"
+    small.write_text("just a few bytes\n" * 6)
+    res = cli("--model", "tiny", "--steps", "2", "--data", str(small), "--out", str(tmp_path / "run"))
+    assert res.returncode == 1
+    assert "too little for seq_len" in res.stderr and "rank" in res.stderr

@@ -135,7 +135,10 @@ def main(argv=None):
 
     if in_torchrun() and os.environ.get(LAUNCH_ENV):
         # a rank we started: the resolved arguments travel as a file, not as argv
-        return train(argparse.Namespace(**json.loads(Path(os.environ[LAUNCH_ENV]).read_text())))
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        # record: the launcher's failure summary then names the rank and shows its traceback
+        return record(train)(argparse.Namespace(**json.loads(Path(os.environ[LAUNCH_ENV]).read_text())))
     argv = list(sys.argv[1:] if argv is None else argv)
     _ARGV[:] = argv
     parser = build_parser()
@@ -174,8 +177,8 @@ def _launch(args):
             print(f"pyengine-train: interrupted; outputs so far are in {args.out} (resume with --resume {args.out})",
                   file=sys.stderr)
             return 130
-        print(f"pyengine-train: rank {rank} failed (exit code {code}); see its error above. Outputs so far: "
-              f"{args.out}", file=sys.stderr)
+        print(exc.format_msg(), file=sys.stderr)
+        print(f"pyengine-train: rank {rank} failed (exit code {code}). Outputs so far: {args.out}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SignalException):
         print(f"pyengine-train: interrupted; outputs so far are in {args.out} (resume with --resume {args.out})",

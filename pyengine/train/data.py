@@ -63,8 +63,9 @@ def read_shard(files, rank, world, max_bytes):
 class ShardData:
     def __init__(self, path, rank, world, seq_len, max_bytes, val_fraction=0.05):
         tokens = read_shard(corpus_files(path), rank, world, max_bytes)
-        n_val = max(seq_len + 1, int(tokens.numel() * val_fraction))
-        if tokens.numel() < n_val + 2 * (seq_len + 1):
+        # each split needs more than seq_len + 1 bytes to cut one (input, target) window from
+        n_val = max(seq_len + 2, int(tokens.numel() * val_fraction))
+        if tokens.numel() < n_val + seq_len + 2:
             raise ValueError(f"rank {rank}'s shard holds {tokens.numel()} bytes: too little for seq_len {seq_len}; "
                              "use more data or fewer ranks")
         self.train, self.val = tokens[:-n_val], tokens[-n_val:]
