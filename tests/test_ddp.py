@@ -183,12 +183,12 @@ def killed_rank(rank, world):
 
 
 def test_killed_rank_ends_job_with_error_within_timeout():
-    t0 = time.time()
     res = run_ranks(killed_rank, 2, timeout=120)
     status, value = res[0]
     assert status == "ok" and value["error"], f"rank 0 should have failed cleanly: {res}"
     assert "peer rank" in value["error"]
-    assert time.time() - t0 < 90
+    # the contract under test: the survivor fails within comm_timeout (20 s) instead of hanging
+    assert value["after_s"] < 20.0
 
 
 def mismatch_rank(rank, world):

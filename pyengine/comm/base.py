@@ -1,12 +1,13 @@
 """The small interface the Engine needs from a communicator."""
+import abc
 
 
 class CommError(RuntimeError):
     """A collective failed: a peer rank died, raised, or the collective timed out."""
 
 
-class Comm:
-    """allreduce / broadcast / reduce-scatter / all-gather over flat tensors.
+class Comm(abc.ABC):
+    """allreduce / broadcast / all-gather of control values over flat tensors.
 
     allreduce returns a handle with wait() (and, on CPU, then(callback)); average=True
     averages over the ranks, otherwise sums.
@@ -16,14 +17,17 @@ class Comm:
     world_size: int
     name: str
 
+    @abc.abstractmethod
     def allreduce(self, tensor, average: bool):
-        raise NotImplementedError
+        """Starts an in-place allreduce of tensor; returns a handle with wait()."""
 
+    @abc.abstractmethod
     def broadcast(self, tensor, src: int = 0):
-        raise NotImplementedError
+        """Copies src's tensor to every rank (blocking)."""
 
+    @abc.abstractmethod
     def all_gather_int(self, value: int):
-        raise NotImplementedError
+        """Every rank's value, as a list indexed by rank."""
 
     def close(self):
         pass

@@ -90,23 +90,26 @@ class NcclComm(Comm):
         self._c.allreduce(v.ptr, v.numel, v.dtype, bool(average), self._stream())
         return _Work(self)
 
-    def reduce_scatter(self, output, input, average: bool):
+    def _pair(self, op, output, input, big, small):
+        """Views of output/input where `big` must hold world_size x `small` elements."""
         o, i = view(output, "output", writable=True), view(input, "input")
-        if i.numel != o.numel * self.world_size:
-            raise ValueError(f"NcclComm.reduce_scatter: input must hold world_size x output elements "
-                             f"({self.world_size} x {o.numel}), got {i.numel}")
+        views = {"output": o, "input": i}
+        if not (o.is_cuda and i.is_cuda):
+            raise ValueError(f"NcclComm.{op}: tensors must be on a CUDA device")
+        if views[big].numel != views[small].numel * self.world_size:
+            raise ValueError(f"NcclComm.{op}: {big} must hold world_size x {small} elements "
+                             f"({self.world_size} x {views[small].numel}), got {views[big].numel}")
         if i.dtype != o.dtype:
-            raise TypeError("NcclComm.reduce_scatter: input and output dtypes differ")
+            raise TypeError(f"NcclComm.{op}: input and output dtypes differ")
+        return o, i
+
+    def reduce_scatter(self, output, input, average: bool):
+        o, i = self._pair("reduce_scatter", output, input, "input", "output")
         self._c.reduce_scatter(i.ptr, o.ptr, o.numel, o.dtype, bool(average), self._stream())
         return _Work(self)
 
     def all_gather(self, output, input):
-        o, i = view(output, "output", writable=True), view(input, "input")
-        if o.numel != i.numel * self.world_size:
-            raise ValueError(f"NcclComm.all_gather: output must hold world_size x input elements "
-                             f"({self.world_size} x {i.numel}), got {o.numel}")
-        if i.dtype != o.dtype:
-            raise TypeError("NcclComm.all_gather: input and output dtypes differ")
+        o, i = self._pair("all_gather", output, input, "output", "input")
         self._c.all_gather(i.ptr, o.ptr, i.numel, i.dtype, self._stream())
         return _Work(self)
 
