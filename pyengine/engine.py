@@ -69,6 +69,15 @@ class Engine:
         self.config = cfg = config
         self.model = model
         device = _single_device(model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("Engine: the model has no parameter with requires_grad=True; nothing to train")
+        # validated before the model is touched: a bad argument leaves it as it was
+        groups, options = _resolve_groups(param_groups, named, cfg)
+        for n, p in named:
+            p._pyengine_name = n
+        self._names = [n for n, _ in named]
+        self._canonical = [p for _, p in named]  # registration order: checkpoints use it
 
         from . import distributed as pdist
 
@@ -76,20 +85,11 @@ class Engine:
         if self.distributed:
             device = pdist.local_device(device)
             if device != _single_device(model):
-                model.to(device)
+                model.to(device)  # in place: the Parameter objects (and the groups) stay the same
         self.device = device
         dtype = DTYPES[cfg.precision]
         if dtype != torch.float32:
             model.to(dtype)
-
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("Engine: the model has no parameter with requires_grad=True; nothing to train")
-        for n, p in named:
-            p._pyengine_name = n
-        self._names = [n for n, _ in named]
-        self._canonical = [p for _, p in named]  # registration order: checkpoints use it
-        groups, options = _resolve_groups(param_groups, named, cfg)
         rank_of = {id(p): i for i, p in enumerate(self._canonical)}
         # Note: reverse registration order within each group, so the last layers' gradients,
         # which backward produces first, sit in the first bucket (DDP does the same).
