@@ -130,3 +130,13 @@ def test_clip_coef_nonfinite_norm():
     out = torch.empty(2)
     ops.clip_coef(torch.tensor([float("inf")]), 1.0, out)
     assert out[0].item() == float("inf") and out[1].item() == 0.0
+
+
+def test_finite_values_whose_squares_overflow_do_not_raise_the_flag():
+    g = torch.ones(20000)
+    g[12345] = 1e20  # finite, but its square is not
+    flag, s = run(g)
+    assert flag == 0.0, "the flag means inf/NaN values, not an overflowing norm"
+    assert s == float("inf")
+    g[54] = float("nan")
+    assert run(g)[0] == 1.0
