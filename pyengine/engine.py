@@ -480,7 +480,8 @@ def _resolve_groups(param_groups, named, cfg):
         extra = {k: v for k, v in g.items() if k != "params" and k not in keys}
         unknown_opt = [k for k in extra if k in defaults]
         if unknown_opt:
-            warnings.warn(f"Engine: param_groups[{gi}] sets {unknown_opt}, which {cfg.optimizer} does not use")
+            warnings.warn(f"Engine: param_groups[{gi}] sets {unknown_opt}, which {cfg.optimizer} does not use",
+                          stacklevel=3)
         try:
             EngineConfig(optimizer=cfg.optimizer, **{k: (tuple(v) if k == "betas" else v) for k, v in opts.items()})
         except (TypeError, ValueError) as exc:

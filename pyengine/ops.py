@@ -11,7 +11,7 @@ import math
 
 from . import _native
 from ._checks import check_number
-from ._arrays import BF16, DTYPE_NAMES, F16, F32, ArrayView, view
+from ._arrays import DTYPE_NAMES, F32, ArrayView, view
 
 __all__ = [
     "accumulate_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",

@@ -92,7 +92,7 @@ def test_sgd_matches_cpu_and_skips(variant):
     n = 4097
     p, buf, g = torch.randn(n), torch.randn(n), torch.randn(n, dtype=torch.float16).float()
     cpu, gpu = both(p, buf, g, torch.zeros(1))
-    for t, dev in ((cpu, "cpu"), (gpu, "cuda")):
+    for t in (cpu, gpu):
         ops.sgd_step(t[0], t[2], t[3], lr=0.1, momentum_buf=t[1] if variant["momentum"] else None, **variant)
     assert_close(gpu[0].cpu(), cpu[0], rtol=1e-6, atol=1e-7, msg="sgd")
     before = gpu[0].clone()

@@ -1,7 +1,6 @@
 """The Engine on one process: parity with torch.optim, mixed precision, loss scaling,
 accumulation, checkpoints, schedulers and errors."""
 import copy
-import os
 
 import pytest
 import torch

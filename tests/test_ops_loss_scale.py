@@ -60,7 +60,7 @@ def test_consecutive_hysteresis_resets_on_clean_step():
 
 def test_random_patterns_against_reference():
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    for trial in range(20):
+    for _ in range(20):
         pattern = (torch.rand(60, generator=g) < 0.3).tolist()
         run(pattern, window=int(torch.randint(1, 6, (1,), generator=g)),
             hysteresis=int(torch.randint(1, 4, (1,), generator=g)))

@@ -30,7 +30,7 @@ def _bench_rank(rank, world, device, sizes, iters):
         for nbytes in sizes:
             t = torch.ones(nbytes // 4, device=dev)
 
-            def once():
+            def once(t=t, comm=comm):
                 if comm is None:
                     dist.all_reduce(t)
                 else:

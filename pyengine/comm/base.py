@@ -29,5 +29,5 @@ class Comm(abc.ABC):
     def all_gather_int(self, value: int):
         """Every rank's value, as a list indexed by rank."""
 
-    def close(self):
-        pass
+    def close(self):  # noqa: B027  (optional hook: most communicators hold nothing to release)
+        """Releases the communicator's resources, if it holds any."""

@@ -6,7 +6,6 @@ one big file shards as well as many small ones. The last `val_fraction` of each 
 held out. Batches are a pure function of (seed, rank, step), so a resumed run sees exactly
 the batches it would have seen.
 """
-import os
 import sysconfig
 from pathlib import Path
 

@@ -69,7 +69,7 @@ def write_report(out, args, summary):
     rows = _load(out / "metrics.jsonl")
     base = summary.get("baseline") or {}
     base_rows = _load(out / "baseline_ddp.jsonl") if base else []
-    plots = write_plots(out, rows, base_rows, summary)
+    write_plots(out, rows, base_rows, summary)
     tail = rows[len(rows) // 10:] or rows  # skip warm-up in throughput figures
     med = lambda k: statistics.median(r[k] for r in tail) if tail else float("nan")
     tok_s = statistics.median(r["tokens_per_s"] for r in tail) if tail else float("nan")
