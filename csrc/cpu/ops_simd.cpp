@@ -1,9 +1,11 @@
 // CPU drivers for the streaming ops: OpenMP over contiguous ranges, `omp simd` inner loops
 // over the shared element functors. Compiled once per ISA level (PE_ISA names the copy).
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/convert.h"
+#include "cpu/half_staging.h"
 #include "cpu/op_table.h"
 #include "cpu/parallel.h"
 #include "kernels/adam.h"
@@ -32,20 +34,33 @@ void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, fl
     using S = decltype(tag);
     const S* s = static_cast<const S*>(src);
     parallel_ranges(n, [&](std::int64_t b, std::int64_t e) {
+      staged_blocks<S>(b, e, [&](std::int64_t bb, std::int64_t len) {
+        float tmp[kStageBlock];
+        const auto* sv = stage_in(s, bb, len, tmp);
+        float* dv = dst + bb;
 #pragma omp simd
-      for (std::int64_t i = b; i < e; ++i) dst[i] = k::accumulate_value(dst[i], to_float(s[i]), alpha);
+        for (std::int64_t i = 0; i < len; ++i) dv[i] = k::accumulate_value(dv[i], to_float(sv[i]), alpha);
+      });
     });
   });
 }
 
-template <class S, class D> void cast_range(const S* s, D* d, std::int64_t b, std::int64_t e, float alpha) {
+template <class S, class D> void cast_loop(const S* s, D* d, std::int64_t n, float alpha) {
   if (alpha == 1.0f) {
 #pragma omp simd
-    for (std::int64_t i = b; i < e; ++i) d[i] = from_float<D>(to_float(s[i]));
+    for (std::int64_t i = 0; i < n; ++i) d[i] = from_float<D>(to_float(s[i]));
   } else {
 #pragma omp simd
-    for (std::int64_t i = b; i < e; ++i) d[i] = from_float<D>(k::scale_value(to_float(s[i]), alpha));
+    for (std::int64_t i = 0; i < n; ++i) d[i] = from_float<D>(k::scale_value(to_float(s[i]), alpha));
   }
+}
+
+template <class S, class D> void cast_range(const S* s, D* d, std::int64_t b, std::int64_t e, float alpha) {
+  staged_blocks<S, D>(b, e, [&](std::int64_t bb, std::int64_t len) {
+    float tin[kStageBlock], tout[kStageBlock];
+    cast_loop(stage_in(s, bb, len, tin), stage_out(d, bb, tout), len, alpha);
+    commit_out(d, bb, len, tout);
+  });
 }
 
 void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, float alpha) {
@@ -67,17 +82,17 @@ void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, st
 // (a real inf/NaN, or squares past float range) pays a second, exact scan for the flag. One
 // accumulator instead of two is what keeps the bf16 pass near the read bandwidth.
 template <class S, class D>
-k::SumsqAcc sumsq_chunk(const S* s, D* d, std::int64_t b, std::int64_t e, float inv) {
+k::SumsqAcc sumsq_loop(const S* s, D* d, std::int64_t n, float inv) {
   float sq = 0.0f;
   if (d == nullptr) {
 #pragma omp simd reduction(+ : sq)
-    for (std::int64_t i = b; i < e; ++i) {
+    for (std::int64_t i = 0; i < n; ++i) {
       float y = to_float(s[i]) * inv;
       sq += y * y;
     }
   } else {
 #pragma omp simd reduction(+ : sq)
-    for (std::int64_t i = b; i < e; ++i) {
+    for (std::int64_t i = 0; i < n; ++i) {
       float y = to_float(s[i]) * inv;
       d[i] = from_float<D>(y);
       sq += y * y;
@@ -86,9 +101,20 @@ k::SumsqAcc sumsq_chunk(const S* s, D* d, std::int64_t b, std::int64_t e, float 
   float nf = 0.0f;
   if (!(sq - sq == 0.0f)) {  // sq is inf or NaN
 #pragma omp simd reduction(+ : nf)
-    for (std::int64_t i = b; i < e; ++i) nf += (to_float(s[i]) * inv) * 0.0f;
+    for (std::int64_t i = 0; i < n; ++i) nf += (to_float(s[i]) * inv) * 0.0f;
   }
   return k::SumsqAcc{sq, nf};
+}
+
+template <class S, class D>
+k::SumsqAcc sumsq_chunk(const S* s, D* d, std::int64_t b, std::int64_t e, float inv) {
+  k::SumsqAcc acc;
+  staged_blocks<S, D>(b, e, [&](std::int64_t bb, std::int64_t len) {
+    float tin[kStageBlock], tout[kStageBlock];
+    acc.merge(sumsq_loop(stage_in(s, bb, len, tin), stage_out(d, bb, tout), len, inv));
+    commit_out(d, bb, len, tout);
+  });
+  return acc;
 }
 
 double unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_dtype,
@@ -130,11 +156,17 @@ template <class F> void with_zero(bool zero_grad, F&& f) {
   else f(std::false_type{});
 }
 
+// A staged (fp16) gradient block is cleared after its conversion, so the loop itself reads
+// the float copy and clears nothing.
+template <bool Zero, class G> void clear_staged(G* g, std::int64_t bb, std::int64_t len) {
+  if constexpr (Zero && kStaged<G>) std::memset(static_cast<void*>(g + bb), 0, static_cast<size_t>(len) * sizeof(G));
+}
+template <bool Zero, class G> constexpr bool kZeroInLoop = Zero && !kStaged<G>;
+
 template <bool Zero, class G, class M>
-void adam_range(float* p, float* m, float* v, G* g, M* out, std::int64_t b, std::int64_t e,
-                float gs, const k::AdamCoeffs& kc) {
+void adam_loop(float* p, float* m, float* v, G* g, M* out, std::int64_t n, float gs, const k::AdamCoeffs& kc) {
 #pragma omp simd
-  for (std::int64_t i = b; i < e; ++i) {
+  for (std::int64_t i = 0; i < n; ++i) {
     float pi = p[i], mi = m[i], vi = v[i];
     k::adam_update(pi, mi, vi, take_grad<Zero>(g, i) * gs, kc);
     p[i] = pi;
@@ -142,6 +174,18 @@ void adam_range(float* p, float* m, float* v, G* g, M* out, std::int64_t b, std:
     v[i] = vi;
     store_model(out, i, pi);
   }
+}
+
+template <bool Zero, class G, class M>
+void adam_range(float* p, float* m, float* v, G* g, M* out, std::int64_t b, std::int64_t e,
+                float gs, const k::AdamCoeffs& kc) {
+  staged_blocks<G, M>(b, e, [&](std::int64_t bb, std::int64_t len) {
+    float tg[kStageBlock], tm[kStageBlock];
+    auto* gv = const_cast<Staged<G>*>(stage_in(g, bb, len, tg));
+    clear_staged<Zero>(g, bb, len);
+    adam_loop<kZeroInLoop<Zero, G>>(p + bb, m + bb, v + bb, gv, stage_out(out, bb, tm), len, gs, kc);
+    commit_out(out, bb, len, tm);
+  });
 }
 
 void adam_step(float* master, float* exp_avg, float* exp_avg_sq, void* grad, DType grad_dtype, bool zero_grad,
@@ -161,11 +205,10 @@ void adam_step(float* master, float* exp_avg, float* exp_avg_sq, void* grad, DTy
 }
 
 template <bool Zero, class G, class M>
-void sgd_range(float* p, float* buf, G* g, M* out, std::int64_t b, std::int64_t e, float gs,
-               const SgdConfig& c, bool first) {
+void sgd_loop(float* p, float* buf, G* g, M* out, std::int64_t n, float gs, const SgdConfig& c, bool first) {
   if (buf == nullptr) {
 #pragma omp simd
-    for (std::int64_t i = b; i < e; ++i) {
+    for (std::int64_t i = 0; i < n; ++i) {
       float pi = p[i], unused = 0.0f;
       k::sgd_update<false>(pi, unused, take_grad<Zero>(g, i) * gs, c, first);
       p[i] = pi;
@@ -173,7 +216,7 @@ void sgd_range(float* p, float* buf, G* g, M* out, std::int64_t b, std::int64_t 
     }
   } else {
 #pragma omp simd
-    for (std::int64_t i = b; i < e; ++i) {
+    for (std::int64_t i = 0; i < n; ++i) {
       float pi = p[i], bi = buf[i];
       k::sgd_update<true>(pi, bi, take_grad<Zero>(g, i) * gs, c, first);
       p[i] = pi;
@@ -181,6 +224,19 @@ void sgd_range(float* p, float* buf, G* g, M* out, std::int64_t b, std::int64_t 
       store_model(out, i, pi);
     }
   }
+}
+
+template <bool Zero, class G, class M>
+void sgd_range(float* p, float* buf, G* g, M* out, std::int64_t b, std::int64_t e, float gs,
+               const SgdConfig& c, bool first) {
+  staged_blocks<G, M>(b, e, [&](std::int64_t bb, std::int64_t len) {
+    float tg[kStageBlock], tm[kStageBlock];
+    auto* gv = const_cast<Staged<G>*>(stage_in(g, bb, len, tg));
+    clear_staged<Zero>(g, bb, len);
+    sgd_loop<kZeroInLoop<Zero, G>>(p + bb, buf == nullptr ? nullptr : buf + bb, gv, stage_out(out, bb, tm), len,
+                                   gs, c, first);
+    commit_out(out, bb, len, tm);
+  });
 }
 
 void sgd_step(float* master, float* momentum_buf, void* grad, DType grad_dtype, bool zero_grad, void* model,
