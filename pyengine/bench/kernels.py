@@ -21,8 +21,9 @@ ES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _cases(n, dev, half):
-    """(name, dtype label, bytes moved, ours, torch equivalent or None)."""
+def _cases(n, dev, half, with_fp32):
+    """(name, dtype label, bytes moved, ours, torch equivalent or None); the fp32-only cases
+    once, with_fp32."""
     hs = ES[half]
     dst, src32 = torch.randn(n, device=dev), torch.randn(n, device=dev)
     srch = torch.randn(n, device=dev).to(half)
@@ -38,7 +39,7 @@ def _cases(n, dev, half):
         torch._amp_foreach_non_finite_check_and_unscale_([g], flag, inv)
         return torch._foreach_norm([g])
 
-    for g in (src32, srch):
+    for g in (src32, srch) if with_fp32 else (srch,):
         yield ("unscale_check_sumsq", f"{SHORT[g.dtype]} r/o", {"read": n * ES[g.dtype]},
                lambda g=g: ops.unscale_check_sumsq(g, flag, sumsq, inv_scale=inv, workspace=ws),
                lambda g=g: torch_unscale_norm(g))
@@ -48,13 +49,16 @@ def _cases(n, dev, half):
     m, v, step = torch.zeros(n, device=dev), torch.zeros(n, device=dev), torch.zeros(1, device=dev)
     master = p.detach().clone()
     torch_adamw = torch.optim.AdamW([p], lr=1e-4, weight_decay=0.1, fused=True)
-    yield ("adamw", "fp32", {"update": n * 28},
-           lambda: ops.adamw_step(master, m, v, p.grad, step, lr=1e-4, weight_decay=0.1, found_inf=flag),
-           torch_adamw.step)
+    if with_fp32:
+        yield ("adamw", "fp32", {"update": n * 28},
+               lambda: ops.adamw_step(master, m, v, p.grad, step, lr=1e-4, weight_decay=0.1, found_inf=flag),
+               torch_adamw.step)
     gh = p.grad.to(half)
     yield ("adamw", f"{SHORT[half]} grad+model", {"update": n * (24 + 2 * hs)},
            lambda: ops.adamw_step(master, m, v, gh, step, lr=1e-4, weight_decay=0.1, found_inf=flag,
                                   model=outh, grad_scale=inv), None)
+    if not with_fp32:
+        return
     q = torch.nn.Parameter(torch.randn(n, device=dev))
     q.grad = p.grad
     buf = torch.zeros(n, device=dev)
@@ -108,7 +112,6 @@ def full_step_case(n, dev, tensors=100):
 
 def run(args):
     dev = args.device
-    half = torch.bfloat16 if dev == "cpu" else torch.float16
     sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24]
     repeats = 5 if args.quick else 15
     bw = stream_bandwidth(dev)
@@ -127,8 +130,9 @@ def run(args):
                       "-" if t_torch is None else f"{row['torch_ms']:.3f}",
                       "-" if t_torch is None else f"{row['speedup']:.2f}x"])
 
+    halves = [torch.bfloat16, torch.float16] if dev == "cpu" else [torch.float16, torch.bfloat16]
     for n in sizes:
-        for name, label, nbytes, ours, ref in _cases(n, dev, half):
+        for name, label, nbytes, ours, ref in (c for h in halves for c in _cases(n, dev, h, h is halves[0])):
             fns = [ours] if ref is None else [ours, ref]
             times = side_by_side(fns, dev, repeats=repeats)
             record(name, label, n, nbytes, times[0], times[1] if ref else None)
