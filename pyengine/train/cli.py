@@ -169,16 +169,18 @@ def _launch(args):
     try:
         run(launcher)
     except ChildFailedError as exc:
-        failures = exc.failures
-        first = failures[min(failures)] if failures else None
-        rank = first.local_rank if first else "?"
-        code = first.exitcode if first else 1
-        if code in (-2, 130, -15):
+        # Ranks ended by a signal were stopped by the launcher (or by Ctrl-C); a rank that
+        # exited with an error of its own is the cause, the earliest one first.
+        signalled = (-2, -9, -15, 130)
+        errors = [f for f in exc.failures.values() if f.exitcode not in signalled]
+        if not errors:
             print(f"pyengine-train: interrupted; outputs so far are in {args.out} (resume with --resume {args.out})",
                   file=sys.stderr)
             return 130
+        first = min(errors, key=lambda f: f.timestamp)
         print(exc.format_msg(), file=sys.stderr)
-        print(f"pyengine-train: rank {rank} failed (exit code {code}). Outputs so far: {args.out}", file=sys.stderr)
+        print(f"pyengine-train: rank {first.global_rank} failed (exit code {first.exitcode}). Outputs so far: "
+              f"{args.out}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SignalException):
         print(f"pyengine-train: interrupted; outputs so far are in {args.out} (resume with --resume {args.out})",
