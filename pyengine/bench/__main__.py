@@ -18,6 +18,11 @@ def main(argv=None):
         p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
         if name in ("allreduce", "ddp"):
             p.add_argument("--nproc", type=int, default=2, help="ranks to spawn (default 2)")
+        if name == "ddp":
+            p.add_argument("--model", default=None,
+                           help="a pyengine-train preset (e.g. small, the main job's default) instead of the "
+                                "overhead-bound 19M-parameter GPT with one 32-token sequence per rank")
+            p.add_argument("--batch-size", type=int, default=None, help="sequences per rank (with --model: 16)")
     args = parser.parse_args(argv)
     import importlib
 

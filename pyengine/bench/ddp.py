@@ -102,12 +102,21 @@ def run(args):
     world = args.nproc
     if dev == "cuda":
         world = min(world, torch.cuda.device_count())
-    # Overhead-bound by default: ~20M params, one short sequence per rank.
+    # Overhead-bound by default: ~20M params, one short sequence per rank. --model small is
+    # the main job's compute-bound default (0.84M params, 16 x 128 tokens per rank).
     gcfg = GPTConfig(seq_len=32, n_layer=6, n_head=8, d_model=512)
     batch, accum = 1, 1
     iters = 4 if args.quick else 12
     if args.quick:
         gcfg = GPTConfig(seq_len=32, n_layer=2, n_head=4, d_model=256)
+    if args.model:
+        from pyengine.train.model import PRESETS
+
+        if args.model not in PRESETS:
+            raise SystemExit(f"--model: one of {sorted(PRESETS)}")
+        gcfg, batch = PRESETS[args.model], 16
+    if args.batch_size:
+        batch = args.batch_size
     rows = spawn(_bench_rank, world, dev, gcfg, batch, accum, iters, [None, "bf16"])
     print(f"{world} ranks on {device_name(dev)}: GPT {rows[0]['params'] / 1e6:.1f}M params, batch {batch} x "
           f"{gcfg.seq_len} tokens per rank, accumulation {accum}")
@@ -115,5 +124,6 @@ def run(args):
                 [[r["variant"], f"{r['step_ms']:.1f}", f"{r['vs_ddp']:.2f}", f"{r['tokens_per_s']:.0f}",
                   f"{r.get('comm_ms', float('nan')):.1f}", f"{r.get('exposed_comm_ms', float('nan')):.1f}",
                   f"{r['overlap']:.0%}" if "overlap" in r else "-", f"{r['bytes_per_param']:.0f}"] for r in rows])
-    print(f"wrote {write_results('ddp', dev, rows, args.out, {'world': world})}")
+    kind = f"ddp-{args.model}" if args.model else "ddp"
+    print(f"wrote {write_results(kind, dev, rows, args.out, {'world': world, 'batch': batch, 'seq_len': gcfg.seq_len})}")
     return 0
