@@ -7,7 +7,7 @@ buffer fed by a hook. Master weights and optimizer state are flat fp32 buffers w
 same layout, so every kernel runs once per group (or bucket) over one contiguous range
 instead of once per tensor.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
@@ -46,7 +46,6 @@ class Bucket:
     end: int
     params: List[torch.nn.Parameter]
     pending: int = 0  # params whose gradient has not landed yet in this iteration
-    extra: Dict = field(default_factory=dict)
 
     @property
     def numel(self):
@@ -125,13 +124,6 @@ class FlatBuffers:
 
     def zero_grad(self):
         self.grad_flat.zero_()
-
-    def bytes_per_param(self, state_floats: int) -> float:
-        """Persistent bytes per parameter: params, grads, master, optimizer state."""
-        b = self.param_flat.element_size() + self.grad_flat.element_size() + 4 * state_floats
-        if self.master_flat is not self.param_flat:
-            b += 4
-        return float(b)
 
 
 class _Snapshot:

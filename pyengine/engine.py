@@ -238,17 +238,8 @@ class Engine:
     def _rebuild_layout(self, ready_order):
         """Lay the buffers out in the observed gradient-ready order (rank 0's, broadcast)."""
         index = {id(p): i for i, p in enumerate(self._canonical)}
-        order = torch.tensor([index[id(p)] for p in ready_order], dtype=torch.int64)
-        if self.comm is not None:
-            dev = self.device if getattr(self.comm, "backend", "") == "nccl" or self.comm.name == "nccl" else "cpu"
-            n = torch.tensor([order.numel()], dtype=torch.int64, device=dev)
-            self.comm.broadcast(n, 0)
-            if int(n) != order.numel():
-                return  # ranks saw different parameter sets: keep the (identical) current layout
-            o = order.to(dev)
-            self.comm.broadcast(o, 0)
-            order = o.cpu()
-        pos = {int(i): k for k, i in enumerate(order.tolist())}
+        order = self.comm.broadcast_ints([index[id(p)] for p in ready_order], 0)
+        pos = {i: k for k, i in enumerate(order)}  # params absent from rank 0's order go last
         groups = [sorted(g.params, key=lambda p: pos.get(index[id(p)], len(pos))) for g in self.buffers.groups]
         moved = self.buffers.relayout(groups, list(self.optimizer.flat_state.values()))
         for k, v in zip(list(self.optimizer.flat_state), moved):

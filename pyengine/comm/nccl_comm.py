@@ -113,14 +113,9 @@ class NcclComm(Comm):
         self._c.all_gather(i.ptr, o.ptr, i.numel, i.dtype, self._stream())
         return _Work(self)
 
-    def broadcast(self, tensor, src: int = 0):
-        dist.broadcast(tensor, src=src, group=self.group)
-
-    def all_gather_int(self, value: int):
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        out = [torch.zeros_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t, group=self.group)
-        return [int(x.item()) for x in out]
+    @property
+    def control_device(self):
+        return self.device
 
     def abort(self, why=""):
         self._c.abort(why)

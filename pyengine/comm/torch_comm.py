@@ -2,13 +2,7 @@
 import torch
 import torch.distributed as dist
 
-from .base import Comm, CommError
-
-
-def _fail(what, exc):
-    return CommError(
-        f"pyengine: {what} failed on rank {dist.get_rank()}: {exc}. A peer rank probably died, raised "
-        "or stalled past comm_timeout; the job cannot continue (check the other ranks' errors)")
+from .base import Comm, comm_failure
 
 
 class Work:
@@ -27,7 +21,7 @@ class Work:
         try:
             self._work.wait()
         except Exception as exc:  # gloo/NCCL raise RuntimeError or DistBackendError
-            raise _fail(self._what, exc) from exc
+            raise comm_failure(self._what, exc) from exc
 
 
 class TorchComm(Comm):
@@ -52,18 +46,8 @@ class TorchComm(Comm):
             tensor.div_(self.world_size)
         return Work(work, f"allreduce of {tensor.numel()} {str(tensor.dtype).replace('torch.', '')}")
 
-    def broadcast(self, tensor, src: int = 0):
-        try:
-            dist.broadcast(tensor, src=src, group=self.group)
-        except Exception as exc:
-            raise _fail("broadcast", exc) from exc
-
-    def all_gather_int(self, value: int):
-        dev = "cuda" if self.backend == "nccl" else "cpu"
-        t = torch.tensor([value], dtype=torch.int64, device=dev)
-        out = [torch.zeros_like(t) for _ in range(self.world_size)]
-        try:
-            dist.all_gather(out, t, group=self.group)
-        except Exception as exc:
-            raise _fail("all_gather", exc) from exc
-        return [int(x.item()) for x in out]
+    @property
+    def control_device(self):
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
