@@ -246,6 +246,15 @@ def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state, ze
     return p, g, st, mo, gs, fi, states
 
 
+def _optimizer_args(mod, master, state1, state2, grad, zero_grad, model, grad_scale, found_inf, step):
+    a = mod.OptimizerArgs()
+    a.master, a.state1, a.state2 = master.ptr, _ptr(state1), _ptr(state2)
+    a.grad, a.grad_dtype, a.zero_grad = grad.ptr, grad.dtype, bool(zero_grad)
+    a.model, a.model_dtype = _ptr(model), model.dtype if model else F32
+    a.n, a.grad_scale, a.found_inf, a.step = master.numel, _ptr(grad_scale), _ptr(found_inf), step.ptr
+    return a
+
+
 def adam_step(master, exp_avg, exp_avg_sq, grad, step, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
               decoupled=False, grad_scale=None, found_inf=None, model=None, zero_grad=False):
     """One fused Adam (decoupled=False, L2 decay) or AdamW (decoupled=True) step.
@@ -266,8 +275,10 @@ def adam_step(master, exp_avg, exp_avg_sq, grad, step, *, lr, betas=(0.9, 0.999)
         master, grad, step, model, grad_scale, found_inf, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
         zero_grad)
     with _Launch(p) as L:
-        L.mod.adam_step(p.ptr, m1.ptr, m2.ptr, g.ptr, g.dtype, bool(zero_grad), _ptr(mo), mo.dtype if mo else F32, p.numel,
-                        _ptr(gs), _ptr(fi), st.ptr, lr, b1, b2, eps, wd, bool(decoupled), L.stream)
+        args = _optimizer_args(L.mod, p, m1, m2, g, zero_grad, mo, gs, fi, st)
+        cfg = L.mod.AdamConfig()
+        cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.decoupled = lr, b1, b2, eps, wd, bool(decoupled)
+        L.mod.adam_step(args, cfg, L.stream)
 
 
 def adamw_step(master, exp_avg, exp_avg_sq, grad, step, **kw):
@@ -291,8 +302,10 @@ def sgd_step(master, grad, step, *, lr, momentum=0.0, dampening=0.0, weight_deca
         master, grad, step, model, grad_scale, found_inf, [("momentum_buf", momentum_buf if mom > 0 else None)],
         zero_grad)
     with _Launch(p) as L:
-        L.mod.sgd_step(p.ptr, _ptr(buf), g.ptr, g.dtype, bool(zero_grad), _ptr(mo), mo.dtype if mo else F32, p.numel, _ptr(gs),
-                       _ptr(fi), st.ptr, lr, mom, damp, wd, bool(nesterov), L.stream)
+        args = _optimizer_args(L.mod, p, buf, None, g, zero_grad, mo, gs, fi, st)
+        cfg = L.mod.SgdConfig()
+        cfg.lr, cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.nesterov = lr, mom, damp, wd, bool(nesterov)
+        L.mod.sgd_step(args, cfg, L.stream)
 
 
 def new_loss_scale_state(initial_scale, hysteresis, like):
@@ -326,8 +339,18 @@ def update_loss_scale(state, found_inf, *, growth_factor=2.0, backoff_factor=0.5
         raise ValueError(f"hysteresis: must be >= 1, got {hysteresis}")
     _same_device([st, fi])
     with _Launch(st) as L:
-        L.mod.update_loss_scale(st.ptr, _ptr(fi), gf, bf, mn, mx, int(growth_interval), int(hysteresis),
-                                bool(consecutive_hysteresis), L.stream)
+        L.mod.update_loss_scale(st.ptr, _ptr(fi), loss_scale_config(L.mod, gf, bf, mn, mx, growth_interval, hysteresis,
+                                                                    consecutive_hysteresis), L.stream)
+
+
+def loss_scale_config(mod, growth_factor, backoff_factor, min_scale, max_scale, growth_interval, hysteresis,
+                      consecutive_hysteresis):
+    """The native LossScaleConfig (values already validated)."""
+    c = mod.LossScaleConfig()
+    c.growth_factor, c.backoff_factor, c.min_scale, c.max_scale = growth_factor, backoff_factor, min_scale, max_scale
+    c.growth_interval, c.hysteresis, c.consecutive_hysteresis = int(growth_interval), int(hysteresis), \
+        bool(consecutive_hysteresis)
+    return c
 
 
 def _multi(tensors, flat, alpha, to_flat):

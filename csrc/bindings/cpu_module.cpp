@@ -1,5 +1,6 @@
 // pyengine._C: the CPU backend.
 #include "bindings/bind_ops.h"
+#include "bindings/bind_types.h"
 
 #ifndef PE_VERSION
 #define PE_VERSION "0.0.0"
@@ -7,6 +8,7 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyengine CPU kernels (OpenMP + SIMD)";
+  pyengine::bindings::bind_types(m);
   PE_BIND_OPS(m, ::pyengine::cpu);
   m.def("set_num_threads", &pyengine::cpu::set_num_threads);
   m.def("num_threads", &pyengine::cpu::num_threads);

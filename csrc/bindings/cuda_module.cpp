@@ -6,6 +6,8 @@
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "pyengine CUDA kernels";
+  // The config structs are registered by _C (see bind_types.h).
+  pybind11::module_::import("pyengine._C");
   PE_BIND_OPS(m, ::pyengine::cuda);
   m.def("device_count", &pyengine::cuda::device_count);
   m.def("compiled_archs", &pyengine::cuda::compiled_archs);

@@ -18,7 +18,6 @@ struct half_t {
 struct bf16_t {
   std::uint16_t bits;
 };
-struct NoModel {};  // "no half-precision model copy" in the optimizer loops
 
 inline float to_float(float x) { return x; }
 inline float as_float(std::uint32_t u) { return __builtin_bit_cast(float, u); }

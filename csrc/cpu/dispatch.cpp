@@ -10,6 +10,7 @@
 #include "cpu/op_table.h"
 #include "kernels/loss_scale.h"
 #include "kernels/norm.h"
+#include "kernels/prologue.h"
 
 namespace pyengine {
 
@@ -84,32 +85,25 @@ void clip_coef(const float* sumsq, const float* inv_scale, float max_norm, float
 
 namespace {
 // A skipped step touches nothing but the gradient it was asked to clear.
-bool skip_step(const float* found_inf, void* grad, DType grad_dtype, bool zero_grad, std::int64_t n) {
-  if (!(found_inf && *found_inf != 0.0f)) return false;
-  if (zero_grad && n > 0) std::memset(grad, 0, static_cast<size_t>(n) * dtype_size(grad_dtype));
-  return true;
+void clear_grad(const OptimizerArgs& a) {
+  if (a.zero_grad && a.n > 0) std::memset(a.grad, 0, static_cast<size_t>(a.n) * dtype_size(a.grad_dtype));
 }
 }  // namespace
 
-void adam_step(float* master, float* exp_avg, float* exp_avg_sq, void* grad, DType grad_dtype, bool zero_grad,
-               void* model, DType model_dtype, std::int64_t n, const float* grad_scale,
-               const float* found_inf, float* step, const AdamConfig& cfg, Stream) {
-  check_n(n, "adam_step");
-  if (skip_step(found_inf, grad, grad_dtype, zero_grad, n)) return;  // master, state and step untouched
-  float next = *step + 1.0f;
-  ops().adam_step(master, exp_avg, exp_avg_sq, grad, grad_dtype, zero_grad, model, model_dtype, n,
-                  grad_scale ? *grad_scale : 1.0f, kernels::adam_coeffs(cfg, next));
-  *step = next;
+void adam_step(const OptimizerArgs& a, const AdamConfig& cfg, Stream) {
+  check_n(a.n, "adam_step");
+  kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
+  if (pro.skip) return clear_grad(a);  // master, state and step untouched
+  ops().adam_step(a, pro.grad_scale, kernels::adam_coeffs(cfg, pro.next_step));
+  *a.step = pro.next_step;
 }
 
-void sgd_step(float* master, float* momentum_buf, void* grad, DType grad_dtype, bool zero_grad, void* model,
-              DType model_dtype, std::int64_t n, const float* grad_scale, const float* found_inf, float* step,
-              const SgdConfig& cfg, Stream) {
-  check_n(n, "sgd_step");
-  if (skip_step(found_inf, grad, grad_dtype, zero_grad, n)) return;
-  ops().sgd_step(master, momentum_buf, grad, grad_dtype, zero_grad, model, model_dtype, n,
-                 grad_scale ? *grad_scale : 1.0f, cfg, *step == 0.0f);
-  *step += 1.0f;
+void sgd_step(const OptimizerArgs& a, const SgdConfig& cfg, Stream) {
+  check_n(a.n, "sgd_step");
+  kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
+  if (pro.skip) return clear_grad(a);
+  ops().sgd_step(a, pro.grad_scale, cfg, pro.next_step == 1.0f);
+  *a.step = pro.next_step;
 }
 
 void update_loss_scale(float* state, const float* found_inf, const LossScaleConfig& cfg, Stream) {

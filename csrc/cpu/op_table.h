@@ -3,6 +3,8 @@
 //
 // Note: compiling one source twice (generic x86-64, and AVX2+FMA+F16C) lets the compiler
 // vectorize the same functor loops for each level, and one wheel runs on any x86-64 CPU.
+// The device scalars (flag, step, multiplier) are read in dispatch.cpp, once per call, so
+// the table's functions take plain values.
 #pragma once
 #include <cstdint>
 
@@ -19,12 +21,8 @@ struct OpTable {
   // Returns the sum of squares; sets *nonfinite when any scaled value is inf or NaN.
   double (*unscale_check_sumsq)(const void* src, DType src_dtype, void* dst, DType dst_dtype,
                                 std::int64_t n, float inv_scale, bool* nonfinite);
-  void (*adam_step)(float* master, float* exp_avg, float* exp_avg_sq, void* grad,
-                    DType grad_dtype, bool zero_grad, void* model, DType model_dtype, std::int64_t n,
-                    float grad_scale, const kernels::AdamCoeffs& k);
-  void (*sgd_step)(float* master, float* momentum_buf, void* grad, DType grad_dtype, bool zero_grad,
-                   void* model, DType model_dtype, std::int64_t n, float grad_scale,
-                   const SgdConfig& cfg, bool first_step);
+  void (*adam_step)(const OptimizerArgs& args, float grad_scale, const kernels::AdamCoeffs& k);
+  void (*sgd_step)(const OptimizerArgs& args, float grad_scale, const SgdConfig& cfg, bool first_step);
   void (*multi_copy)(const std::uintptr_t* tensors, const std::int64_t* numels, int count,
                      DType tensor_dtype, void* flat, DType flat_dtype, float alpha, bool to_flat);
 };

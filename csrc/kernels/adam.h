@@ -33,4 +33,14 @@ PE_HD void adam_update(float& p, float& m, float& v, float g, const AdamCoeffs& 
   p = p - k.step_size * (m / denom);
 }
 
+// One element of the fused pass: (master, exp_avg, exp_avg_sq, raw grad, model copy).
+struct AdamElem {
+  AdamCoeffs k;
+  float grad_scale;
+  PE_HD void operator()(float& p, float& m, float& v, float g, float& model) const {
+    adam_update(p, m, v, g * grad_scale, k);
+    model = p;
+  }
+};
+
 }  // namespace pyengine::kernels

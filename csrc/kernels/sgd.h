@@ -20,4 +20,15 @@ PE_HD void sgd_update(float& p, float& buf, float g, const SgdConfig& c, bool fi
   p = p - c.lr * g;
 }
 
+// One element of the fused pass: (master, momentum buffer, raw grad, model copy).
+template <bool Momentum> struct SgdElem {
+  SgdConfig c;
+  bool first_step;
+  float grad_scale;
+  PE_HD void operator()(float& p, float& buf, float g, float& model) const {
+    sgd_update<Momentum>(p, buf, g * grad_scale, c, first_step);
+    model = p;
+  }
+};
+
 }  // namespace pyengine::kernels

@@ -22,4 +22,16 @@ struct SumsqAcc {
 PE_HD float accumulate_value(float dst, float src, float alpha) { return dst + alpha * src; }
 PE_HD float scale_value(float src, float alpha) { return alpha * src; }
 
+// dst += alpha * src
+struct AccumulateElem {
+  float alpha;
+  PE_HD void operator()(float& dst, float src) const { dst = accumulate_value(dst, src, alpha); }
+};
+
+// dst = alpha * src (the cast happens when the driver stores dst in its own dtype)
+struct ScaleElem {
+  float alpha;
+  PE_HD void operator()(float& dst, float src) const { dst = scale_value(src, alpha); }
+};
+
 }  // namespace pyengine::kernels

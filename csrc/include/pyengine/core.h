@@ -22,20 +22,51 @@ using Stream = std::uintptr_t;  // cudaStream_t as an integer; 0 is the legacy d
 // Hyper-parameters of the fused Adam family. `decoupled` selects AdamW (decay applied to the
 // weights) against Adam (L2 decay added to the gradient).
 struct AdamConfig {
-  float lr, beta1, beta2, eps, weight_decay;
-  bool decoupled;
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
+  bool decoupled = true;
 };
 
 struct SgdConfig {
-  float lr, momentum, dampening, weight_decay;
-  bool nesterov;
+  float lr = 1e-3f, momentum = 0.0f, dampening = 0.0f, weight_decay = 0.0f;
+  bool nesterov = false;
 };
 
 // Dynamic loss scaling, DeepSpeed semantics (see kernels/loss_scale.h).
 struct LossScaleConfig {
-  float growth_factor, backoff_factor, min_scale, max_scale;
-  int growth_interval, hysteresis;
-  bool consecutive_hysteresis;
+  float growth_factor = 2.0f, backoff_factor = 0.5f, min_scale = 1.0f, max_scale = 16777216.0f;
+  int growth_interval = 2000, hysteresis = 2;
+  bool consecutive_hysteresis = false;
+};
+
+// One fused optimizer pass over one contiguous range of the flat buffers.
+//
+// Note: the pointers are resolved once per buffer layout (the engine's plan) and the struct
+// is reused every step; only the hyper-parameters travel with each call, since an LR
+// scheduler may change them. Null optional pointers mean "absent": grad_scale = 1,
+// found_inf = never skip, model = no half copy, state1 = no SGD momentum buffer.
+struct OptimizerArgs {
+  float* master = nullptr;
+  float* state1 = nullptr;  // Adam: exp_avg; SGD: momentum buffer (null without momentum)
+  float* state2 = nullptr;  // Adam: exp_avg_sq; SGD: unused
+  void* grad = nullptr;
+  DType grad_dtype = DType::f32;
+  bool zero_grad = false;  // write 0 to grad after reading it (also on a skipped step)
+  void* model = nullptr;   // the half-precision (or fp32) model copy written from master
+  DType model_dtype = DType::f32;
+  std::int64_t n = 0;
+  const float* grad_scale = nullptr;  // device: 1/loss_scale x clip coefficient
+  const float* found_inf = nullptr;   // device: a nonzero value skips the whole update
+  float* step = nullptr;              // device: updates taken so far by this range's group
+};
+
+// The engine's per-step device scalars live in one float32 array; these are its slots,
+// exported to Python by the bindings so the numbers are written once.
+enum StepSlot : int {
+  kFoundInf = 0,   // nonzero: some gradient is inf/NaN, the update is skipped
+  kSumsq = 1,      // sum of squares of the unscaled gradients
+  kGradNorm = 2,   // sqrt(sumsq), written by clip_coef (out[0])
+  kGradCoef = 3,   // 1/loss_scale x clip coefficient, written by clip_coef (out[1])
+  kStepSlots = 4,
 };
 
 // Layout of the loss-scale state array (float32 x kLossScaleStateSize, device-resident).
@@ -52,7 +83,7 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
 
 // Every backend implements this same set of functions (namespaces cpu and cuda).
 // Pointers named *_dev live in the buffers' memory space. Null optional pointers mean
-// "absent": inv_scale/grad_scale = 1, found_inf = never skip, model = no half copy.
+// "absent": inv_scale = 1, found_inf/sumsq = not written.
 #define PYENGINE_DECLARE_OPS                                                                   \
   /* dst(f32) += alpha * src */                                                              \
   void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, float alpha,   \
@@ -67,16 +98,8 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
   /* out[0] = sqrt(sumsq); out[1] = inv_scale * min(1, max_norm / (norm + 1e-6)) */          \
   void clip_coef(const float* sumsq_dev, const float* inv_scale_dev, float max_norm,          \
                  float* out_dev, Stream stream);                                              \
-  /* zero_grad: write 0 to grad after reading it (also on a skipped step), saving the */    \
-  /* separate zeroing pass over the gradient buffer */                                        \
-  void adam_step(float* master, float* exp_avg, float* exp_avg_sq, void* grad,                \
-                 DType grad_dtype, bool zero_grad, void* model, DType model_dtype, std::int64_t n, \
-                 const float* grad_scale_dev, const float* found_inf_dev, float* step_dev,    \
-                 const AdamConfig& cfg, Stream stream);                                       \
-  void sgd_step(float* master, float* momentum_buf, void* grad, DType grad_dtype,             \
-                bool zero_grad, void* model, DType model_dtype, std::int64_t n, const float* grad_scale_dev,  \
-                const float* found_inf_dev, float* step_dev, const SgdConfig& cfg,            \
-                Stream stream);                                                               \
+  void adam_step(const OptimizerArgs& args, const AdamConfig& cfg, Stream stream);            \
+  void sgd_step(const OptimizerArgs& args, const SgdConfig& cfg, Stream stream);              \
   void update_loss_scale(float* state_dev, const float* found_inf_dev,                        \
                          const LossScaleConfig& cfg, Stream stream);                          \
   /* Multi-tensor gather (to_flat) or scatter: flat[offsets[i]..] <-> tensors[i] x alpha */  \

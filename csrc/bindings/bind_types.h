@@ -1,0 +1,93 @@
+// The plain structs of the core API as Python classes, registered once by _C.
+//
+// Note: _cuda's functions take the same C++ types; pybind11 keeps one registry per process,
+// so _cuda imports _C first and finds them there instead of registering them twice.
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "pyengine/core.h"
+
+namespace pyengine::bindings {
+
+namespace py = pybind11;
+using Addr = std::uintptr_t;
+
+template <class T> T* ptr(Addr a) { return reinterpret_cast<T*>(a); }
+inline Addr addr(const void* p) { return reinterpret_cast<Addr>(p); }
+inline DType dt(int d) {
+  if (d < 0 || d > 2) throw std::invalid_argument("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  return static_cast<DType>(d);
+}
+
+// A pointer field of a struct, seen from Python as an integer address.
+#define PE_ADDR_FIELD(cls, T, field)                                                   \
+  def_property(#field, [](const cls& s) { return addr(s.field); },                    \
+               [](cls& s, Addr a) { s.field = ptr<T>(a); })
+#define PE_DTYPE_FIELD(cls, field)                                                     \
+  def_property(#field, [](const cls& s) { return static_cast<int>(s.field); },       \
+               [](cls& s, int d) { s.field = dt(d); })
+
+inline void bind_types(py::module_& m) {
+  py::class_<AdamConfig>(m, "AdamConfig", "Hyper-parameters of one fused Adam/AdamW pass")
+      .def(py::init<>())
+      .def_readwrite("lr", &AdamConfig::lr)
+      .def_readwrite("beta1", &AdamConfig::beta1)
+      .def_readwrite("beta2", &AdamConfig::beta2)
+      .def_readwrite("eps", &AdamConfig::eps)
+      .def_readwrite("weight_decay", &AdamConfig::weight_decay)
+      .def_readwrite("decoupled", &AdamConfig::decoupled);
+  py::class_<SgdConfig>(m, "SgdConfig", "Hyper-parameters of one fused SGD pass")
+      .def(py::init<>())
+      .def_readwrite("lr", &SgdConfig::lr)
+      .def_readwrite("momentum", &SgdConfig::momentum)
+      .def_readwrite("dampening", &SgdConfig::dampening)
+      .def_readwrite("weight_decay", &SgdConfig::weight_decay)
+      .def_readwrite("nesterov", &SgdConfig::nesterov);
+  py::class_<LossScaleConfig>(m, "LossScaleConfig", "Dynamic loss-scale rules (DeepSpeed hysteresis)")
+      .def(py::init<>())
+      .def_readwrite("growth_factor", &LossScaleConfig::growth_factor)
+      .def_readwrite("backoff_factor", &LossScaleConfig::backoff_factor)
+      .def_readwrite("min_scale", &LossScaleConfig::min_scale)
+      .def_readwrite("max_scale", &LossScaleConfig::max_scale)
+      .def_readwrite("growth_interval", &LossScaleConfig::growth_interval)
+      .def_readwrite("hysteresis", &LossScaleConfig::hysteresis)
+      .def_readwrite("consecutive_hysteresis", &LossScaleConfig::consecutive_hysteresis);
+  py::class_<OptimizerArgs>(m, "OptimizerArgs", "Buffers and device scalars of one fused optimizer pass")
+      .def(py::init<>())
+      .PE_ADDR_FIELD(OptimizerArgs, float, master)
+      .PE_ADDR_FIELD(OptimizerArgs, float, state1)
+      .PE_ADDR_FIELD(OptimizerArgs, float, state2)
+      .PE_ADDR_FIELD(OptimizerArgs, void, grad)
+      .PE_DTYPE_FIELD(OptimizerArgs, grad_dtype)
+      .def_readwrite("zero_grad", &OptimizerArgs::zero_grad)
+      .PE_ADDR_FIELD(OptimizerArgs, void, model)
+      .PE_DTYPE_FIELD(OptimizerArgs, model_dtype)
+      .def_readwrite("n", &OptimizerArgs::n)
+      .PE_ADDR_FIELD(OptimizerArgs, const float, grad_scale)
+      .PE_ADDR_FIELD(OptimizerArgs, const float, found_inf)
+      .PE_ADDR_FIELD(OptimizerArgs, float, step);
+
+  py::dict step_slots;
+  step_slots["found_inf"] = static_cast<int>(kFoundInf);
+  step_slots["sumsq"] = static_cast<int>(kSumsq);
+  step_slots["grad_norm"] = static_cast<int>(kGradNorm);
+  step_slots["grad_coef"] = static_cast<int>(kGradCoef);
+  m.attr("STEP_SLOTS") = step_slots;
+  m.attr("STEP_SLOT_COUNT") = static_cast<int>(kStepSlots);
+  py::dict ls_slots;
+  ls_slots["scale"] = static_cast<int>(kScale);
+  ls_slots["inv_scale"] = static_cast<int>(kInvScale);
+  ls_slots["growth_tracker"] = static_cast<int>(kGrowthTracker);
+  ls_slots["hysteresis_left"] = static_cast<int>(kHysteresisLeft);
+  ls_slots["skipped_total"] = static_cast<int>(kSkippedTotal);
+  ls_slots["consecutive_skips"] = static_cast<int>(kConsecutiveSkips);
+  ls_slots["last_found_inf"] = static_cast<int>(kLastFound);
+  m.attr("LOSS_SCALE_SLOTS") = ls_slots;
+  m.attr("LOSS_SCALE_STATE_SIZE") = kLossScaleStateSize;
+  m.attr("REDUCE_CHUNK") = kReduceChunk;
+}
+
+}  // namespace pyengine::bindings
