@@ -3,7 +3,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-from ._checks import check_number
+from ._checks import HYPERPARAMETER_CHECKS, check_number
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -97,16 +97,8 @@ class EngineConfig:
         _choice("accum_dtype", self.accum_dtype, ("fp32", "param"))
         _choice("comm_backend", self.comm_backend, COMM_BACKENDS)
         _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
-        _num("lr", self.lr, lo=0.0)
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise TypeError(f"EngineConfig.betas: expected a pair (beta1, beta2), got {self.betas!r}")
-        for i, b in enumerate(self.betas):
-            _num(f"betas[{i}]", b, lo=0.0, hi=1.0, hi_open=True)
-        self.betas = tuple(float(b) for b in self.betas)
-        _num("eps", self.eps, lo=0.0)
-        _num("weight_decay", self.weight_decay, lo=0.0)
-        _num("momentum", self.momentum, lo=0.0)
-        _num("dampening", self.dampening, lo=0.0, hi=1.0)
+        for key, check in HYPERPARAMETER_CHECKS.items():
+            setattr(self, key, check(f"EngineConfig.{key}", getattr(self, key)))
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("EngineConfig.nesterov: needs momentum > 0 and dampening == 0")
         if self.clip_grad_norm is not None:

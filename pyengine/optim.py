@@ -1,95 +1,116 @@
-"""Fused optimizers over flat buffers, as torch.optim.Optimizer subclasses.
+"""The fused optimizers: one spec table, and a torch.optim.Optimizer facade over it.
 
-Note: param_groups hold the user's parameters and hyper-parameters exactly as in torch, so
-torch.optim.lr_scheduler works unchanged; an lr change takes effect at the next step since
-every step reads the group's values. The update itself runs once per group over the group's
-contiguous range of the flat buffers: one pass that reads the gradient, multiplies it by the
-device-resident (1/loss_scale x clip coefficient), skips everything when the non-finite flag
-is set, updates fp32 master weights and state, and writes the half-precision model copy.
+Note: an optimizer is described once, by an OptimizerSpec: the hyper-parameters a param
+group carries (torch's names, validated the same way everywhere), the flat fp32 state
+buffers it keeps, and how a group's values become the core's config struct. Adding one
+means one entry here, its element functor in csrc/kernels/ and its two drivers.
+
+param_groups hold the user's parameters and hyper-parameters exactly as in torch, so
+torch.optim.lr_scheduler works unchanged; a changed lr applies at the next step since the
+step plan reads the groups' values each step.
 """
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
 import torch
 
-from . import ops
+from ._checks import HYPERPARAMETER_CHECKS as CHECKS
 
-_GROUP_KEYS = {
-    "adamw": ("lr", "betas", "eps", "weight_decay"),
-    "adam": ("lr", "betas", "eps", "weight_decay"),
-    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+
+def _adam_config(decoupled):
+    def make(mod, g):
+        c = mod.AdamConfig()
+        c.lr, (c.beta1, c.beta2), c.eps, c.weight_decay = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+        c.decoupled = decoupled
+        return c
+
+    return make
+
+
+def _sgd_config(mod, g):
+    if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
+        raise ValueError("nesterov: needs momentum > 0 and dampening == 0")
+    c = mod.SgdConfig()
+    c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov = (
+        g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"])
+    return c
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What the engine needs to know about one optimizer."""
+    name: str
+    group_keys: Tuple[str, ...]  # hyper-parameters a param group carries (torch's names)
+    native: str  # the core function of one fused pass
+    config: Callable  # (core module, group dict) -> the core's config struct
+    states: Callable  # (param groups) -> names of the flat fp32 state buffers, in the core's order
+    torch_states: Tuple[str, ...]  # the same names in torch.optim's per-parameter state
+
+
+SPECS: Dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("adamw", ("lr", "betas", "eps", "weight_decay"), "adam_step", _adam_config(True),
+                           lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq")),
+    "adam": OptimizerSpec("adam", ("lr", "betas", "eps", "weight_decay"), "adam_step", _adam_config(False),
+                          lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq")),
+    "sgd": OptimizerSpec("sgd", ("lr", "momentum", "dampening", "weight_decay", "nesterov"), "sgd_step", _sgd_config,
+                         lambda groups: ("momentum_buffer",) if any(g["momentum"] > 0 for g in groups) else (),
+                         ("momentum_buffer",)),
 }
 
 
+def check_group(spec: OptimizerSpec, values: dict, where: str) -> dict:
+    """The group's hyper-parameters, validated (TypeError/ValueError naming where and what)."""
+    out = {}
+    for k in spec.group_keys:
+        try:
+            out[k] = CHECKS[k](k, values[k])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+    if spec.name == "sgd" and out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+        raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening == 0")
+    return out
+
+
 class FusedOptimizer(torch.optim.Optimizer):
-    """Adam / AdamW / SGD over an Engine's FlatBuffers. Built by the Engine."""
+    """Adam / AdamW / SGD over an Engine's flat buffers, built by the Engine.
 
-    def __init__(self, kind, buffers, group_options, defaults, grad_source, found_inf, grad_scale):
-        self.kind = kind
-        self.buffers = buffers
-        # callable: group index -> (flat gradient range to read, whether to clear it in the pass)
-        self._grad_source = grad_source
-        self._found_inf = found_inf
-        self._grad_scale = grad_scale
-        groups = []
-        for g, opts in zip(buffers.groups, group_options):
-            groups.append({"params": list(g.params), **opts})
-        super().__init__(groups, {k: defaults[k] for k in _GROUP_KEYS[kind]})
-        self._alloc_state()
+    step() is the fused update inside engine.step() (which also checks gradients, clips and
+    updates the loss scale); called on its own it raises. zero_grad() clears the engine's
+    gradients as PyTorch's would. state_dict() / load_state_dict() use torch.optim's format.
+    """
 
-    def _alloc_state(self):
-        dev, n = self.buffers.device, self.buffers.numel
-        if self.kind == "sgd":
-            need_buf = any(g["momentum"] > 0 for g in self.param_groups)
-            self.flat_state = {"momentum_buffer": torch.zeros(n, device=dev)} if need_buf else {}
-        else:
-            self.flat_state = {"exp_avg": torch.zeros(n, device=dev), "exp_avg_sq": torch.zeros(n, device=dev)}
-        self.steps = [torch.zeros(1, device=dev) for _ in self.param_groups]
-
-    @property
-    def state_floats(self) -> int:
-        return len(self.flat_state)
+    def __init__(self, spec: OptimizerSpec, groups, defaults, engine):
+        self.spec = spec
+        self._engine = engine
+        self._update = None  # set by engine.step() around its call of step()
+        super().__init__(groups, defaults)
+        self.steps = torch.zeros(len(self.param_groups), dtype=torch.float32, device=engine.device)
 
     def add_param_group(self, param_group):
-        if getattr(self, "buffers", None) is not None and len(self.param_groups) >= len(self.buffers.groups):
-            raise RuntimeError("FusedOptimizer: param groups are fixed when the Engine is built; "
-                               "pass every group to Engine(..., param_groups=...)")
+        if getattr(self, "steps", None) is not None:
+            raise RuntimeError("FusedOptimizer: param groups are fixed when the Engine is built; pass every group to "
+                               "Engine(..., param_groups=...)")
         super().add_param_group(param_group)
-
-    def zero_grad(self, set_to_none=True):
-        self.buffers.zero_grad()
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
-            raise ValueError("FusedOptimizer.step: closures are not supported; call engine.step()")
-        fb = self.buffers
-        for gi, (group, rng) in enumerate(zip(self.param_groups, fb.groups)):
-            if rng.numel == 0:
-                continue
-            s, e = rng.start, rng.end
-            master = fb.master_flat[s:e]
-            model = None if fb.master_flat is fb.param_flat else fb.param_flat[s:e]
-            grad, zero = self._grad_source(gi)
-            common = dict(grad_scale=self._grad_scale, found_inf=self._found_inf, model=model, zero_grad=zero)
-            if self.kind == "sgd":
-                buf = self.flat_state.get("momentum_buffer")
-                ops.sgd_step(master, grad, self.steps[gi], lr=group["lr"], momentum=group["momentum"],
-                             dampening=group["dampening"], weight_decay=group["weight_decay"],
-                             nesterov=group["nesterov"], momentum_buf=None if buf is None else buf[s:e], **common)
-            else:
-                ops.adam_step(master, self.flat_state["exp_avg"][s:e], self.flat_state["exp_avg_sq"][s:e], grad,
-                              self.steps[gi], lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
-                              weight_decay=group["weight_decay"], decoupled=self.kind == "adamw", **common)
+            raise ValueError("engine.optimizer.step(closure): closures are not supported; call engine.step()")
+        if self._update is None:
+            raise RuntimeError("engine.optimizer.step() is part of engine.step(), which also checks the gradients, "
+                               "clips them and updates the loss scale; call engine.step() once per micro-batch")
+        self._update()
 
-    # Checkpoints: per parameter (by index in the engine's canonical order), so they stay valid
-    # when the layout changes (bucket rebuild) or the world size does.
-    def flat_state_per_param(self, params):
-        out = []
-        for p in params:
-            out.append({k: self.buffers._slice(v, p).clone() for k, v in self.flat_state.items()})
-        return out
+    def zero_grad(self, set_to_none: bool = True):
+        """Discards the gradients accumulated so far (either value of set_to_none)."""
+        self._engine.grads.clear(range(len(self._engine.params)))
 
-    def load_flat_state_per_param(self, params, states):
-        for p, st in zip(params, states):
-            for k, v in self.flat_state.items():
-                if k not in st:
-                    raise ValueError(f"optimizer state for a parameter lacks {k!r} (saved with another optimizer?)")
-                self.buffers._slice(v, p).copy_(st[k].reshape(-1))
+    def state_dict(self):
+        from .checkpoint import optimizer_state_dict
+
+        return optimizer_state_dict(self._engine)
+
+    def load_state_dict(self, state_dict):
+        from .checkpoint import load_optimizer_state_dict
+
+        load_optimizer_state_dict(self._engine, state_dict)

@@ -1,67 +1,65 @@
-"""The loss scaler: its whole state lives on the device and is updated there.
+"""The loss scaler: its whole state lives in StepScalars and is updated on the device.
 
-Note: reading the scale, the skip counts or the last step's flag from Python is the only
-host-device sync, and it is lazy. To notice a run of skipped steps without syncing, the
-state is copied into pinned host memory after each update (non-blocking) and that copy is
-read at the next step once its event has completed, one step late.
+Note: reading the scale or the skip counts from Python is the only host-device sync, and it
+is lazy. To notice a long run of skipped steps without a sync (and without an event query,
+which a CUDA graph cannot capture), the state is copied to pinned host memory after every
+update and read from there; the copy may be a step or two behind, which only delays the
+error that max_consecutive_skips raises.
 """
 import torch
 
 from . import ops
-
-SCALE, INV_SCALE, GROWTH_TRACKER, HYSTERESIS_LEFT, SKIPPED_TOTAL, CONSECUTIVE_SKIPS, LAST_FOUND = range(7)
+from .scalars import LOSS_SCALE_SLOTS, LOSS_SCALE_STATE_SIZE
 
 
 class LossScaler:
-    def __init__(self, cfg, device):
-        self.cfg = cfg
-        self.device = torch.device(device)
+    def __init__(self, cfg, scalars, mod):
+        self.scalars = scalars
         if cfg.precision != "fp16":
             initial, self.dynamic = 1.0, False
         elif cfg.loss_scale == "dynamic":
             initial, self.dynamic = float(cfg.initial_loss_scale), True
         else:
             initial, self.dynamic = float(cfg.loss_scale), False
-        self.state = ops.new_loss_scale_state(initial, cfg.hysteresis, self.device)
-        pin = self.device.type == "cuda"
-        self._host = torch.zeros(ops.LOSS_SCALE_STATE_SIZE, pin_memory=pin)
-        self._event = torch.cuda.Event() if pin else None
+        self.active = cfg.precision == "fp16" and initial != 1.0 or self.dynamic
+        scalars.reset_loss_scale(initial, cfg.hysteresis)
+        if self.dynamic:
+            self.config = ops.loss_scale_config(mod, 2.0, 0.5, cfg.min_loss_scale, cfg.max_loss_scale,
+                                                cfg.loss_scale_window, cfg.hysteresis, cfg.consecutive_hysteresis)
+        else:  # a fixed scale (x1 either way): only the skip counters move
+            self.config = ops.loss_scale_config(mod, 1.0, 1.0, 1e-30, 3e38, 2**30, 1, False)
+        self._state_ptr = scalars.loss_scale_state.data_ptr()
+        self._flag_ptr = scalars.ptr("found_inf")
+        self._mod = mod
+        cuda = scalars.tensor.device.type == "cuda"
+        self._host = torch.zeros(LOSS_SCALE_STATE_SIZE, pin_memory=True) if cuda else None
 
     @property
     def scale_tensor(self):
-        return self.state[SCALE:SCALE + 1]
+        return self.scalars.scale
 
     @property
     def inv_scale_tensor(self):
-        return self.state[INV_SCALE:INV_SCALE + 1]
+        return self.scalars.inv_scale
 
-    def update(self, found_inf):
-        c = self.cfg
-        if self.dynamic:
-            ops.update_loss_scale(self.state, found_inf, growth_factor=2.0, backoff_factor=0.5,
-                                  growth_interval=c.loss_scale_window, hysteresis=c.hysteresis,
-                                  min_scale=c.min_loss_scale, max_scale=c.max_loss_scale,
-                                  consecutive_hysteresis=c.consecutive_hysteresis)
-        else:  # fixed scale (x1 either way): only the skip counters move
-            ops.update_loss_scale(self.state, found_inf, growth_factor=1.0, backoff_factor=1.0,
-                                  growth_interval=2**30, hysteresis=1, min_scale=1e-30, max_scale=3e38)
-        if self._event is not None:
-            self._host.copy_(self.state, non_blocking=True)
-            self._event.record()
+    def update(self, stream):
+        """After the optimizer pass: grow, back off or keep the scale, from the step's flag."""
+        self._mod.update_loss_scale(self._state_ptr, self._flag_ptr, self.config, stream)
+        if self._host is not None:
+            self._host.copy_(self.scalars.loss_scale_state, non_blocking=True)
 
-    def lagged_consecutive_skips(self):
-        """Consecutive skipped steps as of the last completed update, without a sync."""
-        if self._event is None:
-            return int(self.state[CONSECUTIVE_SKIPS])
-        if not self._event.query():
-            return 0
-        return int(self._host[CONSECUTIVE_SKIPS])
+    def lagged_consecutive_skips(self) -> int:
+        """Consecutive skipped steps, without a sync (on a GPU, as of a recent update)."""
+        state = self._host if self._host is not None else self.scalars.loss_scale_state
+        return int(state[LOSS_SCALE_SLOTS["consecutive_skips"]])
 
-    def value(self, slot):
-        return float(self.state[slot])
+    def value(self, name) -> float:
+        return float(getattr(self.scalars, name))
 
     def state_dict(self):
-        return {"state": self.state.cpu().clone(), "dynamic": self.dynamic}
+        return {"state": self.scalars.loss_scale_state.cpu().clone(), "dynamic": self.dynamic}
 
     def load_state_dict(self, sd):
-        self.state.copy_(sd["state"].to(self.state.device))
+        self.scalars.loss_scale_state.copy_(sd["state"].to(self.scalars.tensor.device))
+        if self._host is not None:
+            self._host.copy_(sd["state"])

@@ -57,6 +57,11 @@ class CommStats:
         self.collectives = 0
         self.bytes = 0
 
+    def count(self, wire):
+        """One collective over `wire` was issued."""
+        self.collectives += 1
+        self.bytes += wire.numel() * wire.element_size()
+
     def as_dict(self):
         frac = 1.0 - self.exposed_s / self.comm_s if self.comm_s > 0 else 1.0
         return {"comm_s": self.comm_s, "exposed_comm_s": self.exposed_s, "overlap_fraction": max(0.0, frac),

@@ -1,7 +1,7 @@
 """Gloo ranks on loopback for the tests: one thread each, so 4 ranks fit 2 cores."""
 import functools
 
-from pyengine.bench.spawn import free_port, run_ranks as _run_ranks
+from pyengine.testing import free_port, run_ranks as _run_ranks
 
 run_ranks = functools.partial(_run_ranks, timeout=240, threads=1)
 __all__ = ["free_port", "run_ranks", "ok"]

@@ -52,9 +52,9 @@ def test_cuda_matches_cpu_fp32():
 def test_fp16_overflow_skips_on_gpu():
     model, engine = make("cuda", "fp16")
     x = torch.randint(0, 256, (2, 64), device="cuda")
-    before = engine.buffers.master_flat.clone()
+    before = engine.flat.master_flat.clone()
     for _ in range(2):
         engine.backward(model(x, x) * float("inf"))
         result = engine.step()
-    assert result.skipped and torch.equal(before, engine.buffers.master_flat)
+    assert result.skipped and torch.equal(before, engine.flat.master_flat)
     assert engine.skipped_steps == 1

@@ -39,7 +39,7 @@ def train_rank(rank, world, cfg_kwargs, steps, accum=1, model_seed=None):
         for micro in range(accum):
             x, y = data(step * accum + micro, world)
             xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-            engine.backward(loss_fn(model, xs.to(engine.buffers.param_dtype), ys.to(engine.buffers.param_dtype)))
+            engine.backward(loss_fn(model, xs.to(engine.flat.param_dtype), ys.to(engine.flat.param_dtype)))
             engine.step()
     return {"params": flat_params(model), "calls": engine.comm.calls, "buckets": len(engine.reducer.buckets),
             "stats": engine.stats(), "steps": engine.global_step}

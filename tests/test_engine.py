@@ -113,16 +113,16 @@ def test_injected_inf_skips_that_step_and_backs_off_with_hysteresis():
         if i in (2, 3):
             loss = loss * float("inf")
         before = [p.detach().clone() for p in model.parameters()]
-        master_before = engine.buffers.master_flat.clone()
-        state_before = {k: v.clone() for k, v in engine.optimizer.flat_state.items()}
+        master_before = engine.flat.master_flat.clone()
+        state_before = {k: v.clone() for k, v in engine.flat.state.items()}
         engine.backward(loss)
         result = engine.step()
         snapshots.append((bool(result), engine.loss_scale))
         if i in (2, 3):
             assert result.skipped
-            assert torch.equal(engine.buffers.master_flat, master_before)
+            assert torch.equal(engine.flat.master_flat, master_before)
             for k, v in state_before.items():
-                assert torch.equal(engine.optimizer.flat_state[k], v), k
+                assert torch.equal(engine.flat.state[k], v), k
             assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     # first overflow spends the hysteresis, the second backs off x0.5
     assert [s[1] for s in snapshots] == [1024.0, 1024.0, 1024.0, 512.0, 512.0, 512.0]
@@ -173,7 +173,7 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
     train(e3, m3, data[4:])
     for a, b in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(a, b)
-    assert torch.equal(e1.buffers.master_flat, e3.buffers.master_flat)
+    assert torch.equal(e1.flat.master_flat, e3.flat.master_flat)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -245,9 +245,9 @@ def test_tied_and_frozen_parameters():
     engine = Engine(model, EngineConfig(lr=1e-2))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    assert n_trainable <= engine.buffers.numel < n_trainable + 16 * len(trainable), "each param once, padded"
-    for p in trainable:
-        assert engine.buffers.offsets[id(p)][0] % 16 == 0, "every parameter starts 16-element aligned"
+    assert n_trainable <= engine.flat.layout.numel < n_trainable + 16 * len(trainable), "each param once, padded"
+    for s in engine.flat.layout.slots:
+        assert s.offset % 16 == 0, "every parameter starts 16-element aligned"
     assert model.head.weight is model.tok.weight
     x = torch.randint(0, 256, (2, 64))
     engine.backward(model(x, x))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .common import device_name, print_table, write_results
-from .spawn import spawn
+from pyengine.testing import spawn
 
 
 def _bench_rank(rank, world, device, sizes, iters):

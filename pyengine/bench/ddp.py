@@ -15,7 +15,7 @@ from pyengine import Engine, EngineConfig
 from pyengine.train.model import GPT, GPTConfig
 
 from .common import device_name, print_table, sync, write_results
-from .spawn import spawn
+from pyengine.testing import spawn
 
 
 def _model(cfg, device, seed=0):

@@ -1,0 +1,211 @@
+"""Gradients that cannot silently detach: what p.grad is for a parameter the Engine trains,
+the hooks that feed the flat gradient buffers, and the checks around backward and step.
+
+Note [p.grad stays attached]: a PyTorch habit (model.zero_grad(), whose default sets
+p.grad = None) used to detach a parameter's gradient from the flat buffer: autograd then
+allocated a fresh tensor, the buffer stayed zero and step() applied a zero update in
+silence. Here every trainable parameter's .grad is an EngineGrad the engine hands out:
+
+  - with the gradient buffer in the parameter dtype, it is a view of that buffer, so
+    autograd accumulates into it in place (its C++ path never sees the subclass);
+  - with fp32 main grads, it is a zero-memory placeholder: before each backward the engine
+    sets p.grad = None so autograd hands the fresh half gradient to a post-accumulate hook,
+    which adds it into the fp32 main-grad buffer and puts the placeholder back.
+
+Whatever a user does to it is then either exactly what PyTorch does or a clear error:
+  - clearing (zero_grad() either way, optimizer.zero_grad(), p.grad = None) discards the
+    gradient accumulated so far, as in PyTorch; a None is noticed at the next backward;
+  - anything else (clip_grad_norm_, reading values, another optimizer's step) runs as in
+    PyTorch where p.grad holds the true gradient (fp32 or bf16 gradient buffer, one process);
+    elsewhere the values are loss-scaled, not yet averaged across ranks, or live in the fp32
+    buffer, so such code would compute something wrong without a word: it raises instead,
+    saying what to use (EngineConfig.clip_grad_norm, engine.grad_norm, engine.step()).
+"""
+from typing import Callable, List, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+# torch functions on a gradient that read no values (shape queries, flags, properties)
+_METADATA = frozenset({
+    "__get__", "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
+    "element_size", "data_ptr", "is_floating_point", "is_complex", "requires_grad_", "__hash__", "__len__",
+    "get_device",
+})
+_CLEARS = frozenset({"zero_", "_foreach_zero_"})
+
+
+class GradientAccessError(RuntimeError):
+    """User code used an engine-managed gradient in a way that would silently be wrong."""
+
+
+class EngineGrad(torch.Tensor):
+    """p.grad of a parameter the Engine trains (see Note [p.grad stays attached])."""
+
+    _pe_guard: "GradGuard"
+    _pe_index: int
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name not in _METADATA:
+            handles = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, EngineGrad)]
+            guard = handles[0]._pe_guard if handles else None
+            if guard is not None:
+                if name in _CLEARS or (name == "fill_" and len(args) > 1 and _is_zero(args[1])):
+                    guard.clear([h._pe_index for h in handles])
+                    return args[0]
+                guard.check_use(name, handles[0]._pe_index)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _is_zero(v):
+    return isinstance(v, (int, float)) and v == 0
+
+
+class GradGuard:
+    """Keeps p.grad attached for the parameters of one FlatBuffers.
+
+    inexact: None when p.grad holds the true gradient between backward and step (gradient
+    buffer in the param dtype, no loss scaling, one process); else why it does not.
+    on_ready(i): called when canonical parameter i's gradient has landed (data parallel).
+    accumulate(i, g): adds parameter i's half gradient g into its fp32 main-grad range.
+    """
+
+    def __init__(self, flat, names: List[str], inexact: Optional[str],
+                 accumulate: Optional[Callable] = None, on_ready: Optional[Callable[[int], None]] = None):
+        self.flat = flat
+        self.names = names
+        self.inexact = inexact
+        self.main = flat.main_grads
+        self._accumulate = accumulate
+        self.on_ready = on_ready
+        self.in_flight = False  # the boundary micro-batch's gradients are being communicated
+        self.dirty = False  # some micro-batch accumulated since the last clear
+        self._hooks = []
+        self.rebind()
+        if self.main or on_ready is not None:
+            for i, p in enumerate(flat.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, i=i: self._landed(i, p)))
+
+    def rebind(self):
+        """New handles on the current buffers (after a relayout), attached as p.grad."""
+        self.handles: List[EngineGrad] = []
+        one = torch.zeros((), dtype=self.flat.param_dtype, device=self.flat.device)
+        for i, p in enumerate(self.flat.params):
+            if self.main:  # a placeholder of p's shape over one shared element: no memory
+                base = one.expand(p.shape)
+            else:
+                base = self.flat.grad_view(i).view(p.shape)
+            h = base.as_subclass(EngineGrad)
+            h._pe_guard, h._pe_index = self, i
+            self.handles.append(h)
+            p.grad = h
+        self.param_versions = [p._version for p in self.flat.params]
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- around backward ---------------------------------------------------------------------
+    def before_backward(self):
+        """Notices cleared or replaced gradients (PyTorch semantics: what was accumulated is
+        gone), then readies p.grad for autograd."""
+        for i, p in enumerate(self.flat.params):
+            g = p.grad
+            if g is not self.handles[i]:
+                self._take_user_grad(i, g)
+                if not self.main:
+                    p.grad = self.handles[i]
+        if self.main:
+            for p in self.flat.params:
+                p.grad = None  # autograd hands the new gradient to the hook instead of adding to it
+        self.dirty = True
+
+    def after_backward(self, failed=False):
+        """Puts the handles back where autograd left no gradient (unused parameters) or a
+        backward failed part-way."""
+        if self.main or failed:
+            for i, p in enumerate(self.flat.params):
+                if p.grad is not self.handles[i]:
+                    p.grad = self.handles[i]
+
+    def _landed(self, i, p):
+        """Post-accumulate hook: the gradient of parameter i is complete for this backward."""
+        g = p.grad
+        if self.main:
+            self._accumulate(i, g)
+            p.grad = self.handles[i]
+        elif g is not self.handles[i]:  # replaced during backward: take it in
+            self._take_user_grad(i, g)
+            p.grad = self.handles[i]
+        if self.on_ready is not None:
+            self.on_ready(i)
+
+    def _take_user_grad(self, i, g):
+        dst = self.flat.grad_view(i)
+        with torch.no_grad():
+            if g is None:
+                if self.dirty:
+                    dst.zero_()
+            else:
+                with torch._C.DisableTorchFunctionSubclass():
+                    dst.copy_(g.reshape(-1))
+
+    # -- before the boundary step ----------------------------------------------------------
+    def before_step(self):
+        """Raises when p.grad was cleared or replaced between backward and step, or the
+        parameters themselves were replaced; returns True when parameter values were written
+        in place (e.g. model.load_state_dict), so the caller can refresh its master copy."""
+        written = False
+        for i, p in enumerate(self.flat.params):
+            g = p.grad
+            if g is not self.handles[i]:
+                if g is not None and self.inexact is None:
+                    self._take_user_grad(i, g)  # p.grad = something: PyTorch would step with it
+                    p.grad = self.handles[i]
+                else:
+                    p.grad = self.handles[i]
+                    raise GradientAccessError(
+                        f"pyengine: the gradient of {self.names[i]} was "
+                        f"{'cleared' if g is None else 'replaced'} between engine.backward() and engine.step(). "
+                        "PyTorch would then skip that parameter; pyengine cannot. Clear gradients before backward "
+                        "(model.zero_grad() at the top of the loop), or not at all: engine.step() clears them after "
+                        "each update")
+            if p.data_ptr() != self.flat.param_view(i).data_ptr():
+                raise RuntimeError(
+                    f"pyengine: parameter {self.names[i]} no longer lives in the engine's buffers (was the model moved "
+                    "or cast with .to()/.cuda()/.half(), or a parameter reassigned, after Engine(...)?). Do that before "
+                    "building the Engine")
+            v = p._version
+            if v != self.param_versions[i]:
+                self.param_versions[i] = v
+                written = True
+        return written
+
+    # -- what EngineGrad asks ----------------------------------------------------------------
+    def clear(self, indices):
+        """zero_grad semantics: the gradient accumulated so far is discarded."""
+        if self.in_flight:
+            raise GradientAccessError(
+                "pyengine: gradients were cleared between engine.backward() and engine.step() while they are being "
+                "averaged across ranks. Clear them before backward (model.zero_grad() at the top of the loop), or not "
+                "at all: engine.step() clears them after each update")
+        with torch.no_grad():
+            if len(indices) == len(self.handles):
+                self.flat.grad_flat.zero_()
+            else:
+                for i in indices:
+                    self.flat.grad_view(i).zero_()
+
+    def check_use(self, what, i):
+        if self.inexact is not None or self.in_flight:
+            reason = self.inexact or "the gradients are being averaged across ranks until engine.step()"
+            raise GradientAccessError(
+                f"pyengine: {what}() on the .grad of {self.names[i]}, but {reason}, so it would compute the wrong "
+                "thing. Clip with EngineConfig(clip_grad_norm=...) (engine.grad_norm then holds the total norm that "
+                "clip_grad_norm_ returns); update with engine.step(), not another optimizer; zero_grad() works as in "
+                "PyTorch")

@@ -1,0 +1,124 @@
+"""The step plan: every native call of the hot path with its pointers resolved once per layout.
+
+Note: the public `ops` check every argument on every call (about 30 us each), which is right
+for a library call and wrong for a training step that makes the same calls with the same
+buffers thousands of times. The plan checks once, when the layout is built (the buffers are
+the engine's own, so their devices, dtypes, sizes and alignment are right by construction),
+and keeps the core's argument structs; a step is then a handful of native calls. Only the
+hyper-parameters are read again each step, since an LR scheduler may change them; a changed
+value is validated before it is used.
+"""
+import math
+
+import torch
+
+from ._arrays import F32
+from .optim import check_group
+
+_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return _CODE[t.dtype]
+
+
+def current_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+class _Pass:
+    """One fused optimizer pass: one param group's contiguous range."""
+
+    def __init__(self, group_index, fn, args, spec):
+        self.group_index = group_index
+        self.fn = fn
+        self.args = args
+        self.spec = spec
+        self.values = None  # the group's hyper-parameters the config was made from
+        self.config = None
+
+
+class StepPlan:
+    """Resolved native calls over one FlatBuffers layout.
+
+    opt_grads: the flat gradient the optimizer reads (the gradient buffer, or a wire buffer
+    in another dtype under data parallel); zero_in_pass: the optimizer clears it as it reads.
+    """
+
+    def __init__(self, mod, flat, scalars, optimizer, opt_grads, zero_in_pass, max_norm, main_grads):
+        self.mod = mod
+        self.device = flat.device
+        self._flag_and_sumsq = scalars.flag_and_sumsq
+        ptr = scalars.ptr
+        g = flat.grad_flat
+        self.workspace = None
+        if flat.device.type == "cuda" and g.numel() > 0:
+            from .ops import sumsq_workspace
+
+            self.workspace = sumsq_workspace(g)
+        ws = 0 if self.workspace is None else self.workspace.data_ptr()
+        self._norm = (g.data_ptr(), dtype_code(g), 0, F32, g.numel(), ptr("inv_scale"), ptr("found_inf"), ptr("sumsq"),
+                      ws)
+        limit = math.inf if max_norm is None else float(max_norm)
+        self._clip = (ptr("sumsq"), ptr("inv_scale"), limit, scalars.norm_and_coef.data_ptr())
+        self.zero_in_pass = zero_in_pass
+        self._grad_flat = g
+        self.passes = []
+        fn = getattr(mod, optimizer.spec.native)
+        states = [flat.state[name] for name in optimizer.spec.states(optimizer.param_groups)]
+        half_model = flat.master_flat is not flat.param_flat
+        for gi, span in enumerate(flat.layout.groups):
+            if span.numel == 0:
+                continue
+            a = mod.OptimizerArgs()
+            a.master = _at(flat.master_flat, span.start)
+            a.state1 = _at(states[0], span.start) if len(states) > 0 else 0
+            a.state2 = _at(states[1], span.start) if len(states) > 1 else 0
+            a.grad, a.grad_dtype, a.zero_grad = _at(opt_grads, span.start), dtype_code(opt_grads), zero_in_pass
+            if half_model:
+                a.model, a.model_dtype = _at(flat.param_flat, span.start), dtype_code(flat.param_flat)
+            a.n = span.numel
+            a.grad_scale, a.found_inf = ptr("grad_coef"), ptr("found_inf")
+            a.step = _at(optimizer.steps, gi)
+            self.passes.append(_Pass(gi, fn, a, optimizer.spec))
+        self._optimizer = optimizer
+        # fp32 main grads: where each parameter's half gradient is added (grads.py's hook)
+        self._main = [(_at(g, s.offset), s.numel) for s in flat.layout.slots] if main_grads else None
+
+    # -- the hot path ------------------------------------------------------------------------
+    def norm(self, stream):
+        """found_inf and sumsq of the whole gradient buffer, unscaled, in one read-only pass."""
+        self._flag_and_sumsq.zero_()
+        self.mod.unscale_check_sumsq(*self._norm, stream)
+
+    def clip(self, stream):
+        """grad_norm = sqrt(sumsq); grad_coef = 1/loss_scale x min(1, max_norm / norm)."""
+        self.mod.clip_coef(*self._clip, stream)
+
+    def update(self, stream):
+        """One fused optimizer pass per non-empty param group."""
+        groups = self._optimizer.param_groups
+        for p in self.passes:
+            group = groups[p.group_index]
+            values = tuple(group[k] for k in p.spec.group_keys)
+            if values != p.values:  # first step, or a scheduler / the user changed a value
+                checked = check_group(p.spec, group, f"engine.optimizer.param_groups[{p.group_index}]")
+                p.config, p.values = p.spec.config(self.mod, checked), values
+            p.fn(p.args, p.config, stream)
+
+    def zero_grads(self):
+        """Clears the gradient buffer when the optimizer pass did not."""
+        if not self.zero_in_pass:
+            self._grad_flat.zero_()
+
+    def accumulate(self, i, g):
+        """fp32 main grad of parameter i += its half gradient g (on the current stream)."""
+        dst, n = self._main[i]
+        if not g.is_contiguous():
+            g = g.contiguous()
+        self.mod.accumulate(dst, g.data_ptr(), _CODE[g.dtype], n, 1.0, current_stream(self.device))
+
+
+def _at(t: torch.Tensor, offset: int) -> int:
+    """Address of element `offset` of a flat tensor."""
+    return t.data_ptr() + offset * t.element_size()
