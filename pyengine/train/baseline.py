@@ -7,12 +7,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from .model import decay_groups
+from .evaluate import evaluate
+from .model import build_model, decay_groups
+from .schedule import lr_lambda
 
 
 def run_ddp_baseline(args, data, device, out, rank, world):
-    from .worker import build_model, evaluate, lr_lambda
-
     own_group = not dist.is_initialized()
     if own_group:  # one rank: DDP still needs a process group
         import socket

@@ -123,6 +123,16 @@ def resolve(args, parser):
 _ARGV = []
 
 
+def _require_train_extras(parser):
+    """The progress bar and the plots need the [train] extra; say so before any rank starts."""
+    import importlib.util
+
+    missing = [m for m in ("tqdm", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        parser.error(f"{' and '.join(missing)} missing: install the main job's extras with "
+                     "pip install 'pyengine[train]' (or pip install '.[train]' in a clone)")
+
+
 def _in_argv(flag):
     return any(a == flag or a.startswith(flag + "=") for a in _ARGV)
 
@@ -143,6 +153,7 @@ def main(argv=None):
     _ARGV[:] = argv
     parser = build_parser()
     args = resolve(parser.parse_args(argv), parser)
+    _require_train_extras(parser)
     if in_torchrun():  # started by the user's own torchrun (e.g. several nodes)
         return train(args)
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """A small byte-level GPT in plain PyTorch (the main job's model)."""
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -99,3 +99,8 @@ def decay_groups(model, weight_decay):
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(args, device):
+    torch.manual_seed(args.seed)
+    return GPT(replace(PRESETS[args.model], seq_len=args.seq_len)).to(device)

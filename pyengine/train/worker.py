@@ -15,7 +15,9 @@ import torch.distributed as dist
 from pyengine import Engine, EngineConfig
 
 from .data import ShardData
-from .model import GPT, PRESETS, decay_groups
+from .evaluate import evaluate, sample_text
+from .model import build_model, decay_groups
+from .schedule import lr_lambda
 
 UNIFORM_LOSS = math.log(256)  # nats per byte of a uniform guess
 
@@ -68,23 +70,6 @@ class StopFlag:
         t = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
-
-
-def lr_lambda(args):
-    def f(step):
-        if args.warmup and step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def build_model(args, device):
-    from dataclasses import replace
-
-    torch.manual_seed(args.seed)
-    return GPT(replace(PRESETS[args.model], seq_len=args.seq_len)).to(device)
 
 
 def train(args):
@@ -235,28 +220,3 @@ def _flush(pending, metrics, pbar, tokens_per_step, t_window):
     if pbar is not None:
         pbar.update(len(pending))
         pbar.set_postfix(loss=f"{values[-1][0]:.3f}", tok_s=f"{tps:,.0f}", scale=f"{values[-1][1]:g}")
-
-
-@torch.no_grad()
-def evaluate(model, data, args, device):
-    """Mean held-out loss over every rank's validation split."""
-    model.eval()
-    total = torch.zeros((), device=device)
-    for i in range(args.eval_batches):
-        x, y = data.val_batch(args.seed, i, args.batch_size)
-        total += model(x.to(device), y.to(device)).float()
-    model.train()
-    mean = total / args.eval_batches
-    if dist.is_initialized():
-        dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-        mean /= dist.get_world_size()
-    return float(mean)
-
-
-def sample_text(model, data, device, n=300):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    prompt = data.val[: min(64, model.config.seq_len // 2)].unsqueeze(0).to(device)
-    model.eval()
-    out = model.generate(prompt, n, generator=g if device.type == "cpu" else None)
-    model.train()
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
