@@ -41,15 +41,15 @@ def unaligned(n, dtype, offset=0, device="cpu", scale=1.0):
 
 
 def assert_close(actual, expected, rtol, atol, msg=""):
-    actual = actual.double()
-    expected = expected.double()
+    actual = actual.double().flatten()
+    expected = expected.double().flatten()
     err = (actual - expected).abs()
     bound = atol + rtol * expected.abs()
     bad = err > bound
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise AssertionError(f"{msg}: {int(bad.sum())} mismatches, first at {i}: "
-                             f"{actual.flatten()[i].item()} vs {expected.flatten()[i].item()}")
+                             f"{actual[i].item()} vs {expected[i].item()}")
 
 
 def rounding(dtype):
