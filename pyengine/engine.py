@@ -27,6 +27,8 @@ from .trace import CommStats, Tracer
 
 __all__ = ["Engine", "StepResult"]
 
+_PLACEMENT_CHECK_EVERY = 16  # boundary steps between checks that the parameters are still views
+
 
 class Engine:
     """Trains `model` with fused mixed-precision steps over flat buffers.
@@ -116,6 +118,7 @@ class Engine:
         self._micro = 0  # step() calls since the last boundary
         self._backward_pending = False
         self._boundaries = 0
+        self._last_result = None  # weakref to the last boundary StepResult (see StepResult)
 
     def _inexact_reason(self):
         if self.flat.main_grads:
@@ -160,7 +163,7 @@ class Engine:
         except BaseException:
             if self.reducer is not None:
                 self.reducer.abort()
-            self.grads.after_backward(failed=True)
+            self.grads.after_backward()
             raise
         self.grads.after_backward()
         if self.reducer is not None and last:
@@ -183,12 +186,16 @@ class Engine:
         self._micro = 0
         t0 = time.perf_counter()
         self._check_skip_run()
-        if self.grads.before_step() and self.flat.master_flat is not self.flat.param_flat:
+        if self.grads.before_step(check_placement=self._boundaries % _PLACEMENT_CHECK_EVERY == 0):
             # the parameters were written in place (model.load_state_dict, ...): the master
             # weights follow, as a torch optimizer would use the new values
             ops.cast_scale(self.flat.param_flat, self.flat.master_flat)
+        last = self._last_result() if self._last_result is not None else None
+        if last is not None:
+            last.freeze()
         t_opt = time.perf_counter()
         result = boundary_step(self.plan, self.scalars, self.optimizer, self.scaler, self.reducer)
+        self._last_result = weakref.ref(result)
         self.tracer.span("optimizer", t_opt, time.perf_counter(), step=self._boundaries + 1)
         self.grads.in_flight = self.grads.dirty = False
         self._boundaries += 1

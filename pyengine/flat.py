@@ -39,6 +39,11 @@ class FlatBuffers:
         self._attach()
 
     @property
+    def master_separate(self) -> bool:
+        """fp32 master weights apart from the (half-precision) parameters."""
+        return self.master_flat is not self.param_flat
+
+    @property
     def main_grads(self) -> bool:
         """Gradients accumulate in fp32 while the params are half precision."""
         return self.grad_dtype != self.param_dtype

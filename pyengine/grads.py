@@ -8,9 +8,11 @@ silence. Here every trainable parameter's .grad is an EngineGrad the engine hand
 
   - with the gradient buffer in the parameter dtype, it is a view of that buffer, so
     autograd accumulates into it in place (its C++ path never sees the subclass);
-  - with fp32 main grads, it is a zero-memory placeholder: before each backward the engine
-    sets p.grad = None so autograd hands the fresh half gradient to a post-accumulate hook,
-    which adds it into the fp32 main-grad buffer and puts the placeholder back.
+  - with fp32 main grads, it is a placeholder that holds no memory (an empty sparse tensor
+    of p's shape): before each backward the engine sets p.grad = None so autograd hands the
+    fresh half gradient to a post-accumulate hook, which adds it into the fp32 main-grad
+    buffer and puts the placeholder back. (A plain loss.backward() then reaches the hook
+    outside engine.backward() and gets an error saying so.)
 
 Whatever a user does to it is then either exactly what PyTorch does or a clear error:
   - clearing (zero_grad() either way, optimizer.zero_grad(), p.grad = None) discards the
@@ -21,6 +23,9 @@ Whatever a user does to it is then either exactly what PyTorch does or a clear e
     buffer, so such code would compute something wrong without a word: it raises instead,
     saying what to use (EngineConfig.clip_grad_norm, engine.grad_norm, engine.step()).
 """
+from collections import deque
+from itertools import repeat
+from operator import attrgetter, is_, methodcaller
 from typing import Callable, List, Optional
 
 import torch
@@ -33,6 +38,20 @@ _METADATA = frozenset({
     "get_device",
 })
 _CLEARS = frozenset({"zero_", "_foreach_zero_"})
+# conversions a module applies to every parameter's .grad when it is moved or cast
+_CONVERSIONS = frozenset({"to", "cuda", "cpu", "half", "float", "bfloat16", "double", "type"})
+
+# Note: the per-parameter checks run every backward and step, so they are written as chains
+# of map() over C-level callables (about 0.1 us a parameter) instead of Python loops.
+_grad, _data_ptr, _version = attrgetter("grad"), methodcaller("data_ptr"), attrgetter("_version")
+
+
+def _all_attached(params, handles) -> bool:
+    return all(map(is_, map(_grad, params), handles))
+
+
+def _set_grads(params, values):
+    deque(map(setattr, params, repeat("grad"), values), maxlen=0)
 
 
 class GradientAccessError(RuntimeError):
@@ -56,6 +75,12 @@ class EngineGrad(torch.Tensor):
                 if name in _CLEARS or (name == "fill_" and len(args) > 1 and _is_zero(args[1])):
                     guard.clear([h._pe_index for h in handles])
                     return args[0]
+                if name in _CONVERSIONS and args and args[0] is handles[0]:
+                    with torch._C.DisableTorchFunctionSubclass():
+                        out = func(*args, **kwargs)
+                    if out is args[0]:
+                        return out  # a no-op conversion (already on that device, in that dtype)
+                    guard.moved(handles[0]._pe_index)
                 guard.check_use(name, handles[0]._pe_index)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -84,6 +109,7 @@ class GradGuard:
         self.on_ready = on_ready
         self.in_flight = False  # the boundary micro-batch's gradients are being communicated
         self.dirty = False  # some micro-batch accumulated since the last clear
+        self.active = False  # inside engine.backward()
         self._hooks = []
         self.rebind()
         if self.main or on_ready is not None:
@@ -93,17 +119,19 @@ class GradGuard:
     def rebind(self):
         """New handles on the current buffers (after a relayout), attached as p.grad."""
         self.handles: List[EngineGrad] = []
-        one = torch.zeros((), dtype=self.flat.param_dtype, device=self.flat.device)
         for i, p in enumerate(self.flat.params):
-            if self.main:  # a placeholder of p's shape over one shared element: no memory
-                base = one.expand(p.shape)
+            if self.main:  # an empty sparse tensor of p's shape: a placeholder that holds no memory
+                empty = torch.sparse_coo_tensor(torch.zeros((p.dim(), 0), dtype=torch.long, device=p.device),
+                                                torch.zeros(0, dtype=p.dtype, device=p.device), p.shape,
+                                                check_invariants=False)
+                h = torch.Tensor._make_subclass(EngineGrad, empty)
             else:
-                base = self.flat.grad_view(i).view(p.shape)
-            h = base.as_subclass(EngineGrad)
+                h = self.flat.grad_view(i).view(p.shape).as_subclass(EngineGrad)
             h._pe_guard, h._pe_index = self, i
             self.handles.append(h)
             p.grad = h
         self.param_versions = [p._version for p in self.flat.params]
+        self.param_ptrs = [self.flat.param_view(i).data_ptr() for i in range(len(self.flat.params))]
 
     def remove(self):
         for h in self._hooks:
@@ -114,33 +142,37 @@ class GradGuard:
     def before_backward(self):
         """Notices cleared or replaced gradients (PyTorch semantics: what was accumulated is
         gone), then readies p.grad for autograd."""
-        for i, p in enumerate(self.flat.params):
-            g = p.grad
-            if g is not self.handles[i]:
-                self._take_user_grad(i, g)
-                if not self.main:
-                    p.grad = self.handles[i]
+        params, handles = self.flat.params, self.handles
+        if not _all_attached(params, handles):
+            for i, (p, h) in enumerate(zip(params, handles)):
+                if p.grad is not h:
+                    self._take_user_grad(i, p.grad)
+                    p.grad = h
         if self.main:
-            for p in self.flat.params:
-                p.grad = None  # autograd hands the new gradient to the hook instead of adding to it
-        self.dirty = True
+            _set_grads(params, repeat(None))  # autograd hands the new gradient to the hook, not to +=
+        self.dirty = self.active = True
 
-    def after_backward(self, failed=False):
+    def after_backward(self):
         """Puts the handles back where autograd left no gradient (unused parameters) or a
         backward failed part-way."""
-        if self.main or failed:
-            for i, p in enumerate(self.flat.params):
-                if p.grad is not self.handles[i]:
-                    p.grad = self.handles[i]
+        self.active = False
+        if self.main and not _all_attached(self.flat.params, self.handles):
+            _set_grads(self.flat.params, self.handles)
 
     def _landed(self, i, p):
         """Post-accumulate hook: the gradient of parameter i is complete for this backward."""
-        g = p.grad
-        if self.main:
-            self._accumulate(i, g)
-            p.grad = self.handles[i]
-        elif g is not self.handles[i]:  # replaced during backward: take it in
+        if not self.active:
+            g, p.grad = p.grad, self.handles[i]
+            if self.main:  # what autograd left is not the engine's: nothing was added anywhere
+                raise GradientAccessError(
+                    "pyengine: loss.backward() on a model the Engine trains; call engine.backward(loss) instead (it "
+                    "applies the loss scale and the accumulation, and feeds the engine's gradient buffers)")
             self._take_user_grad(i, g)
+        elif self.main:
+            self._accumulate(i, p.grad)
+            p.grad = self.handles[i]
+        elif p.grad is not self.handles[i]:  # replaced during backward: take it in
+            self._take_user_grad(i, p.grad)
             p.grad = self.handles[i]
         if self.on_ready is not None:
             self.on_ready(i)
@@ -156,35 +188,49 @@ class GradGuard:
                     dst.copy_(g.reshape(-1))
 
     # -- before the boundary step ----------------------------------------------------------
-    def before_step(self):
-        """Raises when p.grad was cleared or replaced between backward and step, or the
-        parameters themselves were replaced; returns True when parameter values were written
-        in place (e.g. model.load_state_dict), so the caller can refresh its master copy."""
+    def before_step(self, check_placement=False):
+        """Raises when p.grad was cleared or replaced between backward and step (or, with
+        check_placement, a parameter no longer lives in the buffers); returns True when
+        half-precision parameter values were written in place (e.g. model.load_state_dict), so
+        the caller refreshes its fp32 master copy from them.
+
+        Note: a parameter's version counter moves with every in-place write to it; the
+        engine's own kernels write through raw pointers and move none. fp32 parameters are
+        their own master weights, so their writes need no refresh and are not checked.
+        Whether the parameters still live in the buffers is checked every few steps
+        (data_ptr() costs 0.3 us a parameter); moving or casting the model is caught at once
+        by its gradients (EngineGrad)."""
+        params = self.flat.params
+        if (_all_attached(params, self.handles)
+                and (not self.flat.master_separate or list(map(_version, params)) == self.param_versions)
+                and (not check_placement or list(map(_data_ptr, params)) == self.param_ptrs)):
+            return False
         written = False
-        for i, p in enumerate(self.flat.params):
-            g = p.grad
-            if g is not self.handles[i]:
-                if g is not None and self.inexact is None:
-                    self._take_user_grad(i, g)  # p.grad = something: PyTorch would step with it
-                    p.grad = self.handles[i]
-                else:
-                    p.grad = self.handles[i]
-                    raise GradientAccessError(
-                        f"pyengine: the gradient of {self.names[i]} was "
-                        f"{'cleared' if g is None else 'replaced'} between engine.backward() and engine.step(). "
-                        "PyTorch would then skip that parameter; pyengine cannot. Clear gradients before backward "
-                        "(model.zero_grad() at the top of the loop), or not at all: engine.step() clears them after "
-                        "each update")
-            if p.data_ptr() != self.flat.param_view(i).data_ptr():
-                raise RuntimeError(
-                    f"pyengine: parameter {self.names[i]} no longer lives in the engine's buffers (was the model moved "
-                    "or cast with .to()/.cuda()/.half(), or a parameter reassigned, after Engine(...)?). Do that before "
-                    "building the Engine")
-            v = p._version
-            if v != self.param_versions[i]:
-                self.param_versions[i] = v
-                written = True
-        return written
+        for i, p in enumerate(params):
+            written |= self._step_problem(i, p)
+        return written and self.flat.master_separate
+
+    def _step_problem(self, i, p) -> bool:
+        g, h = p.grad, self.handles[i]
+        if g is not h:
+            p.grad = h
+            if g is not None and self.inexact is None:
+                self._take_user_grad(i, g)  # p.grad = something: PyTorch would step with it
+            else:
+                raise GradientAccessError(
+                    f"pyengine: the gradient of {self.names[i]} was {'cleared' if g is None else 'replaced'} between "
+                    "engine.backward() and engine.step(). PyTorch would then skip that parameter; pyengine cannot. "
+                    "Clear gradients before backward (model.zero_grad() at the top of the loop), or not at all: "
+                    "engine.step() clears them after each update")
+        if p.data_ptr() != self.param_ptrs[i]:
+            raise RuntimeError(
+                f"pyengine: parameter {self.names[i]} no longer lives in the engine's buffers (was the model moved or "
+                "cast with .to()/.cuda()/.half(), or a parameter reassigned, after Engine(...)?). Do that before "
+                "building the Engine")
+        if p._version != self.param_versions[i]:
+            self.param_versions[i] = p._version
+            return True
+        return False
 
     # -- what EngineGrad asks ----------------------------------------------------------------
     def clear(self, indices):
@@ -200,6 +246,14 @@ class GradGuard:
             else:
                 for i in indices:
                     self.flat.grad_view(i).zero_()
+
+    def moved(self, i):
+        """Module.to()/.cuda()/.half() converts each parameter, then its .grad: the parameters
+        would leave the engine's buffers and train nothing."""
+        raise RuntimeError(
+            f"pyengine: the model is being moved or cast (.to(), .cuda(), .half(), ...) after Engine(...) took over its "
+            f"parameters ({self.names[i]} and the others would leave the engine's buffers and stop training). Move or "
+            "cast the model before building the Engine")
 
     def check_use(self, what, i):
         if self.inexact is not None or self.in_flight:

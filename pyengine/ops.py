@@ -14,7 +14,7 @@ from ._checks import check_number
 from ._arrays import DTYPE_NAMES, F32, ArrayView, view
 
 __all__ = [
-    "accumulate_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",
+    "accumulate_", "fill_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",
     "sgd_step", "update_loss_scale", "new_loss_scale_state", "flatten", "unflatten",
     "sumsq_workspace", "LOSS_SCALE_STATE_SIZE",
 ]
@@ -166,6 +166,15 @@ def accumulate_(dst, src, alpha=1.0):
     _no_overlap([d, s], allow_same={("dst", "src")})
     with _Launch(d) as L:
         L.mod.accumulate(d.ptr, s.ptr, s.dtype, d.numel, a, L.stream)
+    return dst
+
+
+def fill_(dst, value=0.0):
+    """dst[:] = value (any float dtype), on dst's device and stream."""
+    d = _arr(dst, "dst", True)
+    v = _float(value, "value")
+    with _Launch(d) as L:
+        L.mod.fill(d.ptr, d.dtype, d.numel, v, L.stream)
     return dst
 
 

@@ -86,13 +86,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.steps = torch.zeros(len(self.param_groups), dtype=torch.float32, device=engine.device)
 
+    def _patch_step_function(self):
+        """Note: torch.optim wraps every optimizer's step() in a profiler range and its step
+        hooks, which costs more host time than this whole step; engine.step() records its own
+        trace. LR schedulers still see each step (they wrap the instance's step)."""
+
     def add_param_group(self, param_group):
         if getattr(self, "steps", None) is not None:
             raise RuntimeError("FusedOptimizer: param groups are fixed when the Engine is built; pass every group to "
                                "Engine(..., param_groups=...)")
         super().add_param_group(param_group)
 
-    @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("engine.optimizer.step(closure): closures are not supported; call engine.step()")

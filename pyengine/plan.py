@@ -48,7 +48,7 @@ class StepPlan:
     def __init__(self, mod, flat, scalars, optimizer, opt_grads, zero_in_pass, max_norm, main_grads):
         self.mod = mod
         self.device = flat.device
-        self._flag_and_sumsq = scalars.flag_and_sumsq
+        self._clear_flag_and_sumsq = (scalars.flag_and_sumsq.data_ptr(), F32, 2, 0.0)
         ptr = scalars.ptr
         g = flat.grad_flat
         self.workspace = None
@@ -62,7 +62,7 @@ class StepPlan:
         limit = math.inf if max_norm is None else float(max_norm)
         self._clip = (ptr("sumsq"), ptr("inv_scale"), limit, scalars.norm_and_coef.data_ptr())
         self.zero_in_pass = zero_in_pass
-        self._grad_flat = g
+        self._clear_grads = (g.data_ptr(), dtype_code(g), g.numel(), 0.0)
         self.passes = []
         fn = getattr(mod, optimizer.spec.native)
         states = [flat.state[name] for name in optimizer.spec.states(optimizer.param_groups)]
@@ -88,7 +88,7 @@ class StepPlan:
     # -- the hot path ------------------------------------------------------------------------
     def norm(self, stream):
         """found_inf and sumsq of the whole gradient buffer, unscaled, in one read-only pass."""
-        self._flag_and_sumsq.zero_()
+        self.mod.fill(*self._clear_flag_and_sumsq, stream)
         self.mod.unscale_check_sumsq(*self._norm, stream)
 
     def clip(self, stream):
@@ -106,10 +106,10 @@ class StepPlan:
                 p.config, p.values = p.spec.config(self.mod, checked), values
             p.fn(p.args, p.config, stream)
 
-    def zero_grads(self):
+    def zero_grads(self, stream):
         """Clears the gradient buffer when the optimizer pass did not."""
         if not self.zero_in_pass:
-            self._grad_flat.zero_()
+            self.mod.fill(*self._clear_grads, stream)
 
     def accumulate(self, i, g):
         """fp32 main grad of parameter i += its half gradient g (on the current stream)."""

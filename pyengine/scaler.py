@@ -33,6 +33,9 @@ class LossScaler:
         self._mod = mod
         cuda = scalars.tensor.device.type == "cuda"
         self._host = torch.zeros(LOSS_SCALE_STATE_SIZE, pin_memory=True) if cuda else None
+        # a numpy view of host memory: reading one float costs no torch op
+        self._host_view = (self._host if cuda else scalars.loss_scale_state).numpy()
+        self._consecutive = LOSS_SCALE_SLOTS["consecutive_skips"]
 
     @property
     def scale_tensor(self):
@@ -50,8 +53,7 @@ class LossScaler:
 
     def lagged_consecutive_skips(self) -> int:
         """Consecutive skipped steps, without a sync (on a GPU, as of a recent update)."""
-        state = self._host if self._host is not None else self.scalars.loss_scale_state
-        return int(state[LOSS_SCALE_SLOTS["consecutive_skips"]])
+        return int(self._host_view[self._consecutive])
 
     def value(self, name) -> float:
         return float(getattr(self.scalars, name))

@@ -15,12 +15,21 @@ class StepResult:
     """What engine.step() returns: truthy when the parameters were updated.
 
     Note: whether a boundary step was skipped for non-finite gradients is known only on the
-    device; bool() reads it (one sync), so a loop that ignores the result never waits.
+    device; bool() reads it (one sync), so a loop that ignores the result never waits. The
+    result watches the step's live flag and copies it only if it is still held when the
+    next boundary step begins (engine.step() calls freeze()), so the common loop, which drops
+    it at once, costs no copy.
     """
 
     def __init__(self, boundary, flag=None):
         self.boundary = boundary
         self._flag = flag
+        self._frozen = flag is None
+
+    def freeze(self):
+        """Keep this step's flag: the engine is about to overwrite the live one."""
+        if not self._frozen:
+            self._flag, self._frozen = self._flag.clone(), True
 
     def __bool__(self):
         return self.boundary and float(self._flag) == 0.0
@@ -32,6 +41,7 @@ class StepResult:
     @property
     def flag(self):
         """The non-finite flag as a device tensor (1 when skipped), for logging without a sync."""
+        self.freeze()
         return self._flag
 
     def __repr__(self):
@@ -61,5 +71,5 @@ def boundary_step(plan, scalars, optimizer, scaler, reducer) -> StepResult:
     # 4. loss scale: grow, back off (hysteresis) or keep; skip counters
     scaler.update(stream)
     # 5. gradients cleared where the optimizer pass read another buffer
-    plan.zero_grads()
-    return StepResult(True, scalars.found_inf.clone())
+    plan.zero_grads(stream)
+    return StepResult(True, scalars.found_inf)

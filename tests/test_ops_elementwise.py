@@ -85,3 +85,15 @@ def test_fp16_subnormals_survive():
     ops.accumulate_(dst, src)
     assert torch.equal(dst, src.float())
     assert rounding(torch.float16) == 2**-10
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fill(n, dtype):
+    x = unaligned(n, dtype, n % 3)
+    ops.fill_(x, 0.0)
+    assert bool((x == 0).all())
+    ops.fill_(x, -2.5)  # exactly representable in every dtype
+    assert bool((x == -2.5).all())
+    with pytest.raises(ValueError, match="value: must not be NaN"):
+        ops.fill_(x, float("nan"))

@@ -19,6 +19,9 @@
     m.def("accumulate", [](Addr dst, Addr src, int sdt, std::int64_t n, float alpha, Addr s) {                \
       ns::accumulate(ptr<float>(dst), ptr<const void>(src), dt(sdt), n, alpha, s);                          \
     }, nogil);                                                                                                \
+    m.def("fill", [](Addr dst, int d, std::int64_t n, float value, Addr s) {                                 \
+      ns::fill(ptr<void>(dst), dt(d), n, value, s);                                                          \
+    }, nogil);                                                                                                \
     m.def("cast_scale", [](Addr dst, int ddt, Addr src, int sdt, std::int64_t n, float alpha, Addr s) {      \
       ns::cast_scale(ptr<void>(dst), dt(ddt), ptr<const void>(src), dt(sdt), n, alpha, s);                  \
     }, nogil);                                                                                                \

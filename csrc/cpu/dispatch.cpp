@@ -63,6 +63,11 @@ void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, fl
   ops().accumulate(dst, src, src_dtype, n, alpha);
 }
 
+void fill(void* dst, DType dtype, std::int64_t n, float value, Stream) {
+  check_n(n, "fill");
+  ops().fill(dst, dtype, n, value);
+}
+
 void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, float alpha,
                 Stream) {
   check_n(n, "cast_scale");

@@ -16,6 +16,7 @@ namespace pyengine::cpu {
 struct OpTable {
   const char* name;
   void (*accumulate)(float* dst, const void* src, DType src_dtype, std::int64_t n, float alpha);
+  void (*fill)(void* dst, DType dtype, std::int64_t n, float value);
   void (*cast_scale)(void* dst, DType dst_dtype, const void* src, DType src_dtype,
                      std::int64_t n, float alpha);
   // Returns the sum of squares; sets *nonfinite when any scaled value is inf or NaN.

@@ -25,6 +25,13 @@ void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, fl
   });
 }
 
+void fill(void* dst, DType dtype, std::int64_t n, float value) {
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_elementwise(n, k::FillElem{value}, out(static_cast<T*>(dst)));
+  });
+}
+
 void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, float alpha) {
   with_dtype(src_dtype, [&](auto stag) {
     with_dtype(dst_dtype, [&](auto dtag) {
@@ -159,7 +166,7 @@ void multi_copy(const std::uintptr_t* tensors, const std::int64_t* numels, int c
 
 #define PE_STR2(x) #x
 #define PE_STR(x) PE_STR2(x)
-extern const OpTable table = {PE_STR(PE_ISA_LABEL), accumulate, cast_scale, unscale_check_sumsq,
+extern const OpTable table = {PE_STR(PE_ISA_LABEL), accumulate, fill, cast_scale, unscale_check_sumsq,
                               adam_step, sgd_step, multi_copy};
 
 }  // namespace pyengine::cpu::PE_ISA

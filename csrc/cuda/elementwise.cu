@@ -25,6 +25,18 @@ template <class S> struct AccumulateOp {
   }
 };
 
+template <class D> struct FillOp {
+  D* dst;
+  k::FillElem elem;
+  __device__ bool prepare() const { return true; }
+  template <int W> __device__ void apply(std::int64_t i) const {
+    float x[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) elem(x[j]);
+    store<W>(dst, i, x);
+  }
+};
+
 template <class S, class D> struct CastOp {
   D* dst;
   const S* src;
@@ -93,6 +105,13 @@ void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, fl
     using S = decltype(tag);
     bool vec = aligned(dst, 4) && aligned(src, sizeof(S));
     launch_elementwise(AccumulateOp<S>{dst, static_cast<const S*>(src), alpha}, n, vec, s, "accumulate");
+  });
+}
+
+void fill(void* dst, DType dtype, std::int64_t n, float value, Stream s) {
+  with_dtype(dtype, [&](auto tag) {
+    using D = decltype(tag);
+    launch_elementwise(FillOp<D>{static_cast<D*>(dst), {value}}, n, aligned(dst, sizeof(D)), s, "fill");
   });
 }
 

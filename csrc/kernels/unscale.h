@@ -28,6 +28,12 @@ struct AccumulateElem {
   PE_HD void operator()(float& dst, float src) const { dst = accumulate_value(dst, src, alpha); }
 };
 
+// dst = value
+struct FillElem {
+  float value;
+  PE_HD void operator()(float& dst) const { dst = value; }
+};
+
 // dst = alpha * src (the cast happens when the driver stores dst in its own dtype)
 struct ScaleElem {
   float alpha;

@@ -1,4 +1,4 @@
-"""python -m pyengine.bench {kernels,step,allreduce,ddp} [options]"""
+"""python -m pyengine.bench {kernels,step,overhead,allreduce,ddp} [options]"""
 import argparse
 import sys
 
@@ -9,6 +9,7 @@ def main(argv=None):
     for name, help_text in [
         ("kernels", "each fused kernel against its PyTorch equivalent, with % of streaming bandwidth"),
         ("step", "engine.step() against GradScaler.unscale_ + clip_grad_norm_ + fused AdamW"),
+        ("overhead", "host cost: a 48-tensor toy model against torch's loop, engine.step() host time, op calls"),
         ("allreduce", "nccl-tests style allreduce table for each available backend"),
         ("ddp", "the engine against torch DDP, side by side on several ranks"),
     ]:

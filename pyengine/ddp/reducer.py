@@ -79,7 +79,7 @@ class Reducer:
     def prepare(self):
         """Arms the hooks for the last micro-batch of the window."""
         self.tracker.arm()
-        self.bucket_stats.zero_()
+        self.bucket_stats.zero_()  # once per window (the per-bucket kernels accumulate into it)
 
     def grad_ready(self, i: int):
         if not self.tracker.armed:

@@ -88,6 +88,8 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
   /* dst(f32) += alpha * src */                                                              \
   void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, float alpha,   \
                   Stream stream);                                                             \
+  /* dst[0..n) = value */                                                                     \
+  void fill(void* dst, DType dtype, std::int64_t n, float value, Stream stream);               \
   /* dst = alpha * src, any dtype to any dtype */                                            \
   void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype,               \
                   std::int64_t n, float alpha, Stream stream);                                \
