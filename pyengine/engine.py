@@ -123,7 +123,7 @@ class Engine:
     def _inexact_reason(self):
         if self.flat.main_grads:
             return (f"its gradient accumulates in the engine's fp32 main-grad buffer (EngineConfig.accum_dtype='fp32' "
-                    f"with {self.config.precision} params), so .grad holds no values")
+                    f"with {self.config.precision} params) and .grad holds no values")
         if self.scaler.active:
             return "the gradients are multiplied by the fp16 loss scale until engine.step()"
         if self.distributed:

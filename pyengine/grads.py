@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten
 _METADATA = frozenset({
     "__get__", "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
     "element_size", "data_ptr", "is_floating_point", "is_complex", "requires_grad_", "__hash__", "__len__",
-    "get_device",
+    "get_device", "_has_compatible_shallow_copy_type",
 })
 _CLEARS = frozenset({"zero_", "_foreach_zero_"})
 # conversions a module applies to every parameter's .grad when it is moved or cast
@@ -75,6 +75,8 @@ class EngineGrad(torch.Tensor):
                 if name in _CLEARS or (name == "fill_" and len(args) > 1 and _is_zero(args[1])):
                     guard.clear([h._pe_index for h in handles])
                     return args[0]
+                if name == "__set__" and len(args) == 2 and args[1] is args[0]:
+                    return None  # grad.data = grad: what Module._apply does after a no-op conversion
                 if name in _CONVERSIONS and args and args[0] is handles[0]:
                     with torch._C.DisableTorchFunctionSubclass():
                         out = func(*args, **kwargs)
@@ -259,7 +261,7 @@ class GradGuard:
         if self.inexact is not None or self.in_flight:
             reason = self.inexact or "the gradients are being averaged across ranks until engine.step()"
             raise GradientAccessError(
-                f"pyengine: {what}() on the .grad of {self.names[i]}, but {reason}, so it would compute the wrong "
+                f"pyengine: {what}() on the .grad of {self.names[i]}: {reason}, so it would compute the wrong "
                 "thing. Clip with EngineConfig(clip_grad_norm=...) (engine.grad_norm then holds the total norm that "
                 "clip_grad_norm_ returns); update with engine.step(), not another optimizer; zero_grad() works as in "
                 "PyTorch")

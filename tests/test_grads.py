@@ -237,3 +237,12 @@ def test_scheduler_writes_a_bad_lr_clear_error():
     e.backward(F.mse_loss(m(x), y))
     with pytest.raises(ValueError, match=r"param_groups\[0\]: lr: must not be NaN"):
         e.step()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_casting_the_model_after_engine_raises_at_the_call(precision):
+    m = model()
+    Engine(m, EngineConfig(precision=precision))
+    m.to("cpu")  # already there: a no-op, allowed
+    with pytest.raises(RuntimeError, match=r"moved or cast .* after Engine\(\.\.\.\)"):
+        m.double()
