@@ -52,6 +52,8 @@ def test_unscale_check_sumsq_matches_cpu_and_is_deterministic(n, dtype, write):
         res.append((flag.item(), sumsq.item(), None if out is None else out.cpu()))
     assert res[1][1] == res[2][1], "CUDA sum must be bitwise reproducible"
     assert res[0][0] == res[1][0] == 0.0
+    # both sum fp32 squares in 8192-element chunks folded in double, in other lane orders: each
+    # chunk's sum is off by about sqrt(1024) x 2^-24 relative, far under 1e-5
     assert math.isclose(res[0][1], res[1][1], rel_tol=1e-5, abs_tol=1e-30)
     if write:
         assert torch.equal(res[0][2], res[1][2])
@@ -82,6 +84,8 @@ def test_adamw_matches_cpu(n, grad_dtype, model_dtype):
     ops.adamw_step(*cpu[:5], grad_scale=cpu[5], found_inf=cpu[6], model=mc, **kw)
     ops.adamw_step(*gpu[:5], grad_scale=gpu[5], found_inf=gpu[6], model=mg, **kw)
     for a, b in zip(cpu[:5], gpu[:5]):
+        # the same fp32 formulas; CUDA's powf/sqrt may differ by an ulp and the division carries
+        # it on: a few ulps (2e-6 is 16), absolute slack for values that cancel to near zero
         assert_close(b.cpu(), a, rtol=2e-6, atol=1e-7, msg="adamw cuda vs cpu")
     if mc is not None:
         assert torch.equal(mg.cpu(), gpu[0].cpu().to(model_dtype))
@@ -94,6 +98,7 @@ def test_sgd_matches_cpu_and_skips(variant):
     cpu, gpu = both(p, buf, g, torch.zeros(1))
     for t in (cpu, gpu):
         ops.sgd_step(t[0], t[2], t[3], lr=0.1, momentum_buf=t[1] if variant["momentum"] else None, **variant)
+    # the same unfused fp32 operations (--fmad=false, -ffp-contract=off): an ulp at most
     assert_close(gpu[0].cpu(), cpu[0], rtol=1e-6, atol=1e-7, msg="sgd")
     before = gpu[0].clone()
     ops.sgd_step(gpu[0], gpu[2], gpu[3], lr=0.1, found_inf=torch.ones(1, device="cuda"))
@@ -118,6 +123,7 @@ def test_loss_scale_and_clip_on_device():
     assert state[0].item() == 2.0**15
     out = torch.empty(2, device="cuda")
     ops.clip_coef(torch.tensor([4.0], device="cuda"), 1.0, out, inv_scale=state[1:2])
+    # one fp32 sqrt and one division: an ulp
     assert math.isclose(out[0].item(), 2.0) and math.isclose(out[1].item(), 2.0**-15 / (2.0 + 1e-6), rel_tol=1e-6)
 
 
@@ -179,3 +185,11 @@ def test_zero_grad_cuda(skip):
     ops.adamw_step(p2, m2, v2, g, torch.zeros(1, device="cuda"), lr=0.1, found_inf=flag, zero_grad=True)
     assert torch.equal(p, p2) and torch.equal(m, m2) and torch.equal(v, v2)
     assert bool((g == 0).all())
+
+
+@pytest.mark.parametrize("n", SIZES + [2**24 + 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fill_on_cuda(n, dtype):
+    x = torch.empty(n + 1, dtype=dtype, device="cuda")[1:]
+    ops.fill_(x, -2.5)
+    assert bool((x == -2.5).all())

@@ -14,6 +14,8 @@ def test_accumulate(n, src_dtype, offset):
     src = unaligned(n, src_dtype, (offset + 1) % 4)
     expected = dst.double() + 0.37 * src.double()
     ops.accumulate_(dst, src, 0.37)
+    # two fp32 roundings of the float64 result (product, sum), 2^-24 each; absolute slack of
+    # ulps of the inputs where dst and src cancel to near zero
     assert_close(dst, expected, rtol=2**-22, atol=1e-7, msg="accumulate")
 
 

@@ -70,6 +70,8 @@ def test_sgd_against_float64(n, grad_dtype, variant, first):
     ep, eb = sgd_ref(p, buf, g, 0.05, mom, damp, 1e-3, nesterov, first)
     ops.sgd_step(p, g, step, lr=0.05, momentum=mom, dampening=damp, weight_decay=1e-3, nesterov=nesterov,
                  momentum_buf=buf if mom else None, model=model)
+    # three or four fp32 roundings (decay, momentum, step) of the float64 result; absolute
+    # slack where the terms cancel to near zero
     assert_close(p, ep, rtol=1e-6, atol=1e-6, msg="master")
     if mom:
         assert_close(buf, eb, rtol=1e-6, atol=1e-6, msg="momentum")
@@ -100,6 +102,7 @@ def test_matches_torch_optim_over_20_steps(kind):
         else:
             ops.adam_step(p, m, v, g, step, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
                           decoupled=kind == "adamw")
+    # torch's formulas in another operation order: ulps per step, 20 steps
     assert_close(p, ref.detach(), rtol=1e-5, atol=1e-6, msg=kind)
 
 

@@ -26,6 +26,8 @@ def test_read_only_norm_and_flag(n, dtype, offset):
     flag, s = run(g, inv)
     expected = float((g.double() / 1024.0).pow(2).sum())
     assert flag == 0.0
+    # each 8192-element chunk sums fp32 squares in 8 lanes of 1024 terms (about sqrt(1024) x
+    # 2^-24 relative), and the chunks fold in double: well under 1e-5
     assert math.isclose(s, expected, rel_tol=1e-5, abs_tol=1e-30)
     assert torch.equal(g, before), "read-only mode must not write"
 
@@ -40,6 +42,7 @@ def test_unscale_into_other_buffer(n, dtype, out_dtype):
     flag, s = run(g, inv, out)
     assert torch.equal(out, (g.float() * 0.25).to(out_dtype))
     assert flag == 0.0
+    # as in the read-only test: fp32 chunk sums folded in double
     assert math.isclose(s, float((g.double() * 0.25).pow(2).sum()), rel_tol=1e-5)
 
 
@@ -67,6 +70,7 @@ def test_fp16_max_is_finite_and_flag_is_sticky():
     sumsq = torch.zeros(1)
     ops.unscale_check_sumsq(g, flag, sumsq)
     assert flag.item() == 0.0
+    # 1000 equal squares near 4.3e9 summed in fp32 lanes: a few roundings of 2^-24
     assert math.isclose(sumsq.item(), 1000 * 65504.0**2, rel_tol=1e-6)
     bad = torch.tensor([float("nan")])
     ops.unscale_check_sumsq(bad, flag, sumsq)
@@ -93,6 +97,7 @@ def test_sums_accumulate_across_calls():
     sumsq = torch.zeros(1)
     ops.unscale_check_sumsq(a, flag, sumsq)
     ops.unscale_check_sumsq(b, flag, sumsq)
+    # fp32 chunk sums folded in double, and the running total kept in fp32 between calls
     assert math.isclose(sumsq.item(), float(a.double().pow(2).sum() + b.double().pow(2).sum()), rel_tol=1e-5)
 
 
@@ -120,6 +125,7 @@ def test_clip_coef_matches_clip_grad_norm(max_norm):
     for r, g in zip(ref, grads):
         r.grad = g.clone()
     norm = torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm else float("inf"))
+    # one fp32 sqrt of sums that agree to ~1e-7, and one division: a few ulps
     assert math.isclose(out[0].item(), norm.item(), rel_tol=1e-6)
     coef = 1.0 if max_norm is None else min(1.0, max_norm / (norm.item() + 1e-6))
     assert math.isclose(out[1].item(), 0.125 * coef, rel_tol=1e-6)
