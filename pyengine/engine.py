@@ -132,9 +132,10 @@ class Engine:
 
     def _make_plan(self):
         opt_grads = self.reducer.optimizer_grads if self.reducer is not None else self.flat.grad_flat
-        return StepPlan(self.mod, self.flat, self.scalars, self.optimizer, opt_grads,
+        return StepPlan(self.mod, self.flat, self.scalars, self.scaler, self.optimizer, opt_grads,
                         zero_in_pass=opt_grads is self.flat.grad_flat, max_norm=self.config.clip_grad_norm,
-                        main_grads=self.flat.main_grads)
+                        main_grads=self.flat.main_grads,
+                        bucket_rows=self.reducer.bucket_stats if self.reducer is not None else None)
 
     # -- the training step -------------------------------------------------------------------
     def backward(self, loss):
@@ -184,7 +185,8 @@ class Engine:
         if self._micro < self.config.grad_accum_steps:
             return StepResult(False)
         self._micro = 0
-        t0 = time.perf_counter()
+        tracing = self.tracer.enabled
+        t0 = time.perf_counter() if tracing else 0.0
         self._check_skip_run()
         if self.grads.before_step(check_placement=self._boundaries % _PLACEMENT_CHECK_EVERY == 0):
             # the parameters were written in place (model.load_state_dict, ...): the master
@@ -193,18 +195,19 @@ class Engine:
         last = self._last_result() if self._last_result is not None else None
         if last is not None:
             last.freeze()
-        t_opt = time.perf_counter()
-        result = boundary_step(self.plan, self.scalars, self.optimizer, self.scaler, self.reducer)
+        t_opt = time.perf_counter() if tracing else 0.0
+        result = boundary_step(self.plan, self.scalars, self.optimizer, self.reducer)
         self._last_result = weakref.ref(result)
-        self.tracer.span("optimizer", t_opt, time.perf_counter(), step=self._boundaries + 1)
+        if tracing:
+            self.tracer.span("optimizer", t_opt, time.perf_counter(), step=self._boundaries + 1)
         self.grads.in_flight = self.grads.dirty = False
         self._boundaries += 1
         if self.reducer is not None:
             order = self.reducer.take_rebuild_order()
             if order is not None:
                 self._relayout(order)
-        t1 = time.perf_counter()
-        self.tracer.span("step", t0, t1, step=self._boundaries)
+        if tracing:
+            self.tracer.span("step", t0, time.perf_counter(), step=self._boundaries)
         return result
 
     def _check_skip_run(self):

@@ -9,6 +9,7 @@ hyper-parameters are read again each step, since an LR scheduler may change them
 value is validated before it is used.
 """
 import math
+from operator import itemgetter
 
 import torch
 
@@ -34,6 +35,7 @@ class _Pass:
         self.fn = fn
         self.args = args
         self.spec = spec
+        self.read = itemgetter(*spec.group_keys)  # the group's values as one tuple, in C
         self.values = None  # the group's hyper-parameters the config was made from
         self.config = None
 
@@ -45,22 +47,30 @@ class StepPlan:
     in another dtype under data parallel); zero_in_pass: the optimizer clears it as it reads.
     """
 
-    def __init__(self, mod, flat, scalars, optimizer, opt_grads, zero_in_pass, max_norm, main_grads):
+    def __init__(self, mod, flat, scalars, scaler, optimizer, opt_grads, zero_in_pass, max_norm, main_grads,
+                 bucket_rows=None):
         self.mod = mod
         self.device = flat.device
-        self._clear_flag_and_sumsq = (scalars.flag_and_sumsq.data_ptr(), F32, 2, 0.0)
-        ptr = scalars.ptr
+        self.cuda = flat.device.type == "cuda"
         g = flat.grad_flat
+        a = mod.StepScalarArgs()
         self.workspace = None
-        if flat.device.type == "cuda" and g.numel() > 0:
-            from .ops import sumsq_workspace
+        if bucket_rows is not None:  # data parallel: each bucket's (sumsq, found_inf) row
+            a.bucket_rows, a.buckets = bucket_rows.data_ptr(), bucket_rows.shape[0]
+        else:
+            a.grad, a.grad_dtype, a.n = g.data_ptr(), dtype_code(g), g.numel()
+            if self.cuda and g.numel() > 0:
+                from .ops import sumsq_workspace
 
-            self.workspace = sumsq_workspace(g)
-        ws = 0 if self.workspace is None else self.workspace.data_ptr()
-        self._norm = (g.data_ptr(), dtype_code(g), 0, F32, g.numel(), ptr("inv_scale"), ptr("found_inf"), ptr("sumsq"),
-                      ws)
-        limit = math.inf if max_norm is None else float(max_norm)
-        self._clip = (ptr("sumsq"), ptr("inv_scale"), limit, scalars.norm_and_coef.data_ptr())
+                self.workspace = sumsq_workspace(g)
+                a.workspace = self.workspace.data_ptr()
+        a.scalars, a.loss_scale_state = scalars.tensor.data_ptr(), scalars.loss_scale_state.data_ptr()
+        a.inv_scale = scalars.ptr("inv_scale")
+        a.max_norm = math.inf if max_norm is None else float(max_norm)
+        a.loss_scale = scaler.config
+        self._scalar_args = a
+        self._scaler = scaler
+        ptr = scalars.ptr
         self.zero_in_pass = zero_in_pass
         self._clear_grads = (g.data_ptr(), dtype_code(g), g.numel(), 0.0)
         self.passes = []
@@ -86,21 +96,21 @@ class StepPlan:
         self._main = [(_at(g, s.offset), s.numel) for s in flat.layout.slots] if main_grads else None
 
     # -- the hot path ------------------------------------------------------------------------
-    def norm(self, stream):
-        """found_inf and sumsq of the whole gradient buffer, unscaled, in one read-only pass."""
-        self.mod.fill(*self._clear_flag_and_sumsq, stream)
-        self.mod.unscale_check_sumsq(*self._norm, stream)
+    def stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.cuda else 0
 
-    def clip(self, stream):
-        """grad_norm = sqrt(sumsq); grad_coef = 1/loss_scale x min(1, max_norm / norm)."""
-        self.mod.clip_coef(*self._clip, stream)
+    def step_scalars(self, stream):
+        """found_inf and sumsq (one read-only pass, or the buckets' rows), grad_norm and
+        grad_coef, then the loss-scale update: one native call."""
+        self.mod.step_scalars(self._scalar_args, stream)
+        self._scaler.after_update()
 
     def update(self, stream):
         """One fused optimizer pass per non-empty param group."""
         groups = self._optimizer.param_groups
         for p in self.passes:
             group = groups[p.group_index]
-            values = tuple(group[k] for k in p.spec.group_keys)
+            values = p.read(group)
             if values != p.values:  # first step, or a scheduler / the user changed a value
                 checked = check_group(p.spec, group, f"engine.optimizer.param_groups[{p.group_index}]")
                 p.config, p.values = p.spec.config(self.mod, checked), values

@@ -28,9 +28,6 @@ class LossScaler:
                                                 cfg.loss_scale_window, cfg.hysteresis, cfg.consecutive_hysteresis)
         else:  # a fixed scale (x1 either way): only the skip counters move
             self.config = ops.loss_scale_config(mod, 1.0, 1.0, 1e-30, 3e38, 2**30, 1, False)
-        self._state_ptr = scalars.loss_scale_state.data_ptr()
-        self._flag_ptr = scalars.ptr("found_inf")
-        self._mod = mod
         cuda = scalars.tensor.device.type == "cuda"
         self._host = torch.zeros(LOSS_SCALE_STATE_SIZE, pin_memory=True) if cuda else None
         # a numpy view of host memory: reading one float costs no torch op
@@ -45,9 +42,8 @@ class LossScaler:
     def inv_scale_tensor(self):
         return self.scalars.inv_scale
 
-    def update(self, stream):
-        """After the optimizer pass: grow, back off or keep the scale, from the step's flag."""
-        self._mod.update_loss_scale(self._state_ptr, self._flag_ptr, self.config, stream)
+    def after_update(self):
+        """The step's native call updated the state (plan.step_scalars): refresh the host copy."""
         if self._host is not None:
             self._host.copy_(self.scalars.loss_scale_state, non_blocking=True)
 

@@ -1,14 +1,17 @@
 """One optimizer step at the accumulation boundary, as data flows.
 
-    finish communication -> norm and non-finite check -> clip -> optimizer -> loss scale -> result
+    finish communication -> non-finite check and norm -> clip -> loss scale -> optimizer -> result
 
 Every stage is a native call on pointers the step plan resolved once (plan.py); nothing here
-waits for the device. Under data parallel the norm and the check ran per bucket, right after
-each bucket's allreduce (ddp/reducer.py), so the first stage only folds their rows.
+waits for the device. Under data parallel the check and the norm ran per bucket, right after
+each bucket's allreduce (ddp/reducer.py), and the second stage folds their rows.
+
+Note: the loss-scale update needs only the step's flag, and the optimizer reads only the
+multiplier computed just before it (grad_coef, with the scale these gradients were made
+with), so the update runs in the same native call as the norm and the clip, ahead of the
+optimizer passes: one call where there were four.
 """
 import torch
-
-from .plan import current_stream
 
 
 class StepResult:
@@ -48,19 +51,15 @@ class StepResult:
         return f"StepResult(boundary={self.boundary}, updated={bool(self)})"
 
 
-def boundary_step(plan, scalars, optimizer, scaler, reducer) -> StepResult:
-    stream = current_stream(plan.device)
-    # 1. communication done: each bucket's rows (sumsq, found_inf) -> the step's scalars, in a
-    #    fixed order (deterministic); one process: the read-only norm and check pass instead.
+def boundary_step(plan, scalars, optimizer, reducer) -> StepResult:
+    stream = plan.stream()
+    # 1. communication done: every bucket allreduced and checked, its (sumsq, found_inf) row written
     if reducer is not None:
-        rows = reducer.finish()
-        torch.sum(rows[:, 0], dim=0, keepdim=True, out=scalars.sumsq)
-        torch.amax(rows[:, 1], dim=0, keepdim=True, out=scalars.found_inf)
-    else:
-        plan.norm(stream)
-    # 2. clip: grad_norm = sqrt(sumsq); grad_coef = 1/loss_scale x min(1, max_norm / grad_norm)
-    plan.clip(stream)
-    # 3. one fused pass per param group: grad x grad_coef, skipped on the device when
+        reducer.finish()
+    # 2-4. found_inf and sumsq (read-only pass, or the rows in a fixed order: deterministic),
+    #      grad_norm and grad_coef = 1/loss_scale x min(1, max_norm / grad_norm), loss scale
+    plan.step_scalars(stream)
+    # 5. one fused pass per param group: grad x grad_coef, skipped on the device when
     #    found_inf is set, fp32 master + state updated, half model copy written, grad cleared.
     #    Through optimizer.step(), so LR schedulers see the step.
     optimizer._update = lambda: plan.update(stream)
@@ -68,8 +67,6 @@ def boundary_step(plan, scalars, optimizer, scaler, reducer) -> StepResult:
         optimizer.step()
     finally:
         optimizer._update = None
-    # 4. loss scale: grow, back off (hysteresis) or keep; skip counters
-    scaler.update(stream)
-    # 5. gradients cleared where the optimizer pass read another buffer
+    # 6. gradients cleared where the optimizer pass read another buffer
     plan.zero_grads(stream)
     return StepResult(True, scalars.found_inf)

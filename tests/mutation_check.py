@@ -45,7 +45,7 @@ MUTANTS = [
            "ddp/reducer.py", "alpha = 1.0 / self.world if predivide else 1.0", "alpha = 1.0",
            ("test_ddp.py::test_reduced_precision_wire",)),
     Mutant("clip-skipped", "clip_grad_norm is ignored",
-           "plan.py", "limit = math.inf if max_norm is None else float(max_norm)", "limit = math.inf",
+           "plan.py", "a.max_norm = math.inf if max_norm is None else float(max_norm)", "a.max_norm = math.inf",
            ("test_engine.py", "test_grads.py")),
     Mutant("bias-correction-off-by-one", "Adam's step count starts at 1, so bias correction is one step late",
            "optim.py", "self.steps = torch.zeros(", "self.steps = torch.ones(",

@@ -41,6 +41,7 @@
     m.def("update_loss_scale", [](Addr state, Addr found_inf, const LossScaleConfig& c, Addr s) {            \
       ns::update_loss_scale(ptr<float>(state), ptr<const float>(found_inf), c, s);                           \
     }, nogil);                                                                                                \
+    m.def("step_scalars", [](const ::pyengine::StepScalarArgs& a, Addr s) { ns::step_scalars(a, s); }, nogil); \
     m.def("multi_copy", [](const std::vector<Addr>& tensors, const std::vector<std::int64_t>& numels,        \
                            int tdt, Addr flat, int fdt, float alpha, bool to_flat, Addr s) {                 \
       if (tensors.size() != numels.size()) throw std::invalid_argument("multi_copy: tensors/numels length"); \

@@ -70,6 +70,20 @@ inline void bind_types(py::module_& m) {
       .PE_ADDR_FIELD(OptimizerArgs, const float, found_inf)
       .PE_ADDR_FIELD(OptimizerArgs, float, step);
 
+  py::class_<StepScalarArgs>(m, "StepScalarArgs", "Inputs and outputs of the step's scalar work (step_scalars)")
+      .def(py::init<>())
+      .PE_ADDR_FIELD(StepScalarArgs, const void, grad)
+      .PE_DTYPE_FIELD(StepScalarArgs, grad_dtype)
+      .def_readwrite("n", &StepScalarArgs::n)
+      .PE_ADDR_FIELD(StepScalarArgs, float, workspace)
+      .PE_ADDR_FIELD(StepScalarArgs, const float, bucket_rows)
+      .def_readwrite("buckets", &StepScalarArgs::buckets)
+      .PE_ADDR_FIELD(StepScalarArgs, float, scalars)
+      .PE_ADDR_FIELD(StepScalarArgs, const float, inv_scale)
+      .PE_ADDR_FIELD(StepScalarArgs, float, loss_scale_state)
+      .def_readwrite("max_norm", &StepScalarArgs::max_norm)
+      .def_readwrite("loss_scale", &StepScalarArgs::loss_scale);
+
   py::dict step_slots;
   step_slots["found_inf"] = static_cast<int>(kFoundInf);
   step_slots["sumsq"] = static_cast<int>(kSumsq);

@@ -115,6 +115,28 @@ void update_loss_scale(float* state, const float* found_inf, const LossScaleConf
   kernels::update_loss_scale(state, found_inf ? *found_inf : 0.0f, cfg);
 }
 
+void step_scalars(const StepScalarArgs& a, Stream s) {
+  float* sc = a.scalars;
+  const float* inv = a.inv_scale;
+  sc[kFoundInf] = 0.0f;
+  sc[kSumsq] = 0.0f;
+  if (a.bucket_rows != nullptr) {
+    double sum = 0.0;
+    float flag = 0.0f;
+    for (std::int64_t b = 0; b < a.buckets; ++b) {  // row order: deterministic
+      sum += a.bucket_rows[2 * b];
+      float f = a.bucket_rows[2 * b + 1];
+      flag = (f != 0.0f || flag != 0.0f) ? 1.0f : 0.0f;  // NaN != 0: flagged
+    }
+    sc[kSumsq] = static_cast<float>(sum);
+    sc[kFoundInf] = flag;
+  } else {
+    unscale_check_sumsq(a.grad, a.grad_dtype, nullptr, DType::f32, a.n, inv, sc + kFoundInf, sc + kSumsq, nullptr, s);
+  }
+  clip_coef(sc + kSumsq, inv, a.max_norm, sc + kGradNorm, s);
+  update_loss_scale(a.loss_scale_state, sc + kFoundInf, a.loss_scale, s);
+}
+
 void multi_copy(const std::uintptr_t* tensors, const std::int64_t* numels, int count, DType tensor_dtype,
                 void* flat, DType flat_dtype, float alpha, bool to_flat, Stream) {
   ops().multi_copy(tensors, numels, count, tensor_dtype, flat, flat_dtype, alpha, to_flat);

@@ -8,6 +8,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "cuda/launch.cuh"
+#include "kernels/loss_scale.h"
 #include "kernels/norm.h"
 #include "kernels/unscale.h"
 
@@ -95,6 +96,29 @@ __global__ void clip_kernel(const float* sumsq, const float* inv_scale, float ma
   k::clip_coefficient(*sumsq, inv_scale ? *inv_scale : 1.0f, max_norm, out);
 }
 
+__global__ void clear_flag_and_sumsq(float* scalars) {
+  scalars[kFoundInf] = 0.0f;
+  scalars[kSumsq] = 0.0f;
+}
+
+// One thread: fold the bucket rows (if any) in row order, clip, update the loss scale.
+__global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float* sc, const float* inv_scale,
+                                  float* ls, float max_norm, LossScaleConfig cfg) {
+  if (rows != nullptr) {
+    double sum = 0.0;
+    float flag = 0.0f;
+    for (std::int64_t b = 0; b < buckets; ++b) {
+      sum += rows[2 * b];
+      float f = rows[2 * b + 1];
+      flag = (f != 0.0f || flag != 0.0f) ? 1.0f : 0.0f;  // NaN != 0: flagged
+    }
+    sc[kSumsq] = static_cast<float>(sum);
+    sc[kFoundInf] = flag;
+  }
+  k::clip_coefficient(sc[kSumsq], inv_scale ? *inv_scale : 1.0f, max_norm, sc + kGradNorm);
+  k::update_loss_scale(ls, sc[kFoundInf], cfg);
+}
+
 }  // namespace
 
 void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::int64_t n,
@@ -115,6 +139,18 @@ void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_
   });
   sumsq_stage2<<<1, kBlock, 0, as_stream(s)>>>(partials, chunks, sumsq, found_inf);
   check_launch("unscale_check_sumsq");
+}
+
+void step_scalars(const StepScalarArgs& a, Stream s) {
+  if (a.bucket_rows == nullptr) {
+    clear_flag_and_sumsq<<<1, 1, 0, as_stream(s)>>>(a.scalars);
+    check_launch("step_scalars");
+    unscale_check_sumsq(a.grad, a.grad_dtype, nullptr, DType::f32, a.n, a.inv_scale, a.scalars + kFoundInf,
+                        a.scalars + kSumsq, a.workspace, s);
+  }
+  step_scalars_tail<<<1, 1, 0, as_stream(s)>>>(a.bucket_rows, a.buckets, a.scalars, a.inv_scale, a.loss_scale_state,
+                                               a.max_norm, a.loss_scale);
+  check_launch("step_scalars");
 }
 
 void clip_coef(const float* sumsq, const float* inv_scale, float max_norm, float* out, Stream s) {

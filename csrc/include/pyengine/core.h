@@ -59,6 +59,23 @@ struct OptimizerArgs {
   float* step = nullptr;              // device: updates taken so far by this range's group
 };
 
+// The scalar work of one boundary step, in one call (see step_scalars below).
+struct StepScalarArgs {
+  // where the gradient statistics come from: a read-only pass over the gradient buffer...
+  const void* grad = nullptr;
+  DType grad_dtype = DType::f32;
+  std::int64_t n = 0;
+  float* workspace = nullptr;  // CUDA: 2 x reduce_partials(n) floats
+  // ...or, under data parallel, one (sumsq, found_inf) row per bucket, folded in row order
+  const float* bucket_rows = nullptr;
+  std::int64_t buckets = 0;
+  float* scalars = nullptr;            // the StepSlot array
+  const float* inv_scale = nullptr;    // the gradients' multiplier to unscale (null: 1)
+  float* loss_scale_state = nullptr;   // kLossScaleStateSize floats, updated last
+  float max_norm = 0.0f;              // <= 0 or inf: no clipping
+  LossScaleConfig loss_scale;
+};
+
 // The engine's per-step device scalars live in one float32 array; these are its slots,
 // exported to Python by the bindings so the numbers are written once.
 enum StepSlot : int {
@@ -104,6 +121,9 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
   void sgd_step(const OptimizerArgs& args, const SgdConfig& cfg, Stream stream);              \
   void update_loss_scale(float* state_dev, const float* found_inf_dev,                        \
                          const LossScaleConfig& cfg, Stream stream);                          \
+  /* found_inf and sumsq (fresh) of the unscaled gradients, then grad_norm and grad_coef   */ \
+  /* (clip_coef), then the loss-scale update: the step's scalar work before the optimizer. */ \
+  void step_scalars(const StepScalarArgs& args, Stream stream);                               \
   /* Multi-tensor gather (to_flat) or scatter: flat[offsets[i]..] <-> tensors[i] x alpha */  \
   void multi_copy(const std::uintptr_t* tensors, const std::int64_t* numels, int count,       \
                   DType tensor_dtype, void* flat, DType flat_dtype, float alpha, bool to_flat, \
