@@ -19,7 +19,7 @@ import torch
 
 from pyengine import Engine, EngineConfig, ops
 
-from .common import device_name, print_table, sync, write_results
+from .common import device_name, print_table, side_by_side, sync, write_results
 
 
 def _toy(device, seed=0):
@@ -52,28 +52,10 @@ def toy_model(device, iters):
         torch.nn.utils.clip_grad_norm_(m2.parameters(), 1.0, foreach=True)
         opt.step()
 
-    a, b = _interleaved(ours, theirs, device, iters)
+    a, b = side_by_side([ours, theirs], device, repeats=iters, warmup=20)
     engine.close()
     return {"case": "toy model iteration", "precision": precision, "tensors": 48, "engine_us": a * 1e6,
             "torch_us": b * 1e6, "speedup": b / a}
-
-
-def _interleaved(f, g, device, iters, warmup=20):
-    for _ in range(warmup):
-        f()
-        g()
-    sync(device)
-    a, b = [], []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        f()
-        sync(device)
-        t1 = time.perf_counter()
-        g()
-        sync(device)
-        b.append(time.perf_counter() - t1)
-        a.append(t1 - t0)
-    return statistics.median(a), statistics.median(b)
 
 
 class _Slab(torch.nn.Module):
