@@ -13,7 +13,6 @@ from operator import itemgetter
 
 import torch
 
-from ._arrays import F32
 from .optim import check_group
 
 _CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -11,7 +11,6 @@ multiplier computed just before it (grad_coef, with the scale these gradients we
 with), so the update runs in the same native call as the norm and the clip, ahead of the
 optimizer passes: one call where there were four.
 """
-import torch
 
 
 class StepResult:
