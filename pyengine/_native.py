@@ -1,5 +1,14 @@
 """Loads the compiled modules: _C always, _cuda where it was built (and imports)."""
-from . import _C  # noqa: F401  (a missing _C is a broken install: let the ImportError speak)
+import os
+
+try:
+    from . import _C  # noqa: F401  (imported for the package: pyengine._C)
+except ImportError as _exc:  # a source tree that was never built, or a broken install
+    _here = os.path.dirname(os.path.abspath(__file__))
+    raise ImportError(
+        f"pyengine's compiled core (_C) is missing from {_here}: this looks like an unbuilt source tree. Build it "
+        "in place with `pip install -e .`, or run from another folder so the installed package is imported "
+        f"({_exc})") from None
 
 try:
     from . import _cuda

@@ -5,6 +5,7 @@ from typing import Optional, Tuple, Union
 
 from ._checks import HYPERPARAMETER_CHECKS, check_number
 
+FLOAT32_MAX = 3.4028234663852886e38
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 COMM_BACKENDS = ("auto", "torch", "nccl")
@@ -104,21 +105,35 @@ class EngineConfig:
         if self.clip_grad_norm is not None:
             _num("clip_grad_norm", self.clip_grad_norm, lo=0.0, lo_open=True)
         _int("grad_accum_steps", self.grad_accum_steps, lo=1)
+        self._check_optimizer_fields()
+        # the scale lives in float32 on the device: finite, and within its bounds
         if isinstance(self.loss_scale, str):
             _choice("loss_scale", self.loss_scale, ("dynamic",))
         else:
-            _num("loss_scale", self.loss_scale, lo=0.0, lo_open=True)
-        _num("initial_loss_scale", self.initial_loss_scale, lo=0.0, lo_open=True)
+            _num("loss_scale", self.loss_scale, lo=0.0, lo_open=True, hi=FLOAT32_MAX)
+        _num("min_loss_scale", self.min_loss_scale, lo=0.0, lo_open=True, hi=FLOAT32_MAX)
+        _num("max_loss_scale", self.max_loss_scale, lo=self.min_loss_scale, hi=FLOAT32_MAX)
+        _num("initial_loss_scale", self.initial_loss_scale, lo=self.min_loss_scale, hi=self.max_loss_scale)
         _int("loss_scale_window", self.loss_scale_window, lo=1)
         _int("hysteresis", self.hysteresis, lo=1)
-        _num("min_loss_scale", self.min_loss_scale, lo=0.0, lo_open=True)
-        _num("max_loss_scale", self.max_loss_scale, lo=self.min_loss_scale)
         _int("max_consecutive_skips", self.max_consecutive_skips, lo=0)
         _num("bucket_mb", self.bucket_mb, lo=0.0, lo_open=True)
         _num("first_bucket_mb", self.first_bucket_mb, lo=0.0, lo_open=True)
         _num("comm_timeout", self.comm_timeout, lo=0.0, lo_open=True)
         if self.trace_path is not None and not isinstance(self.trace_path, str):
             raise TypeError("EngineConfig.trace_path: expected a file path (str) or None")
+
+    def _check_optimizer_fields(self):
+        """A field of another optimizer set away from its default would be ignored in silence."""
+        others = {"adamw": ("momentum", "dampening", "nesterov"), "adam": ("momentum", "dampening", "nesterov"),
+                  "sgd": ("betas", "eps")}[self.optimizer]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in others:
+            if getattr(self, name) != defaults[name]:
+                owner = "SGD" if name in ("momentum", "dampening", "nesterov") else "Adam/AdamW"
+                raise ValueError(f"EngineConfig.{name}: set to {getattr(self, name)!r}, but optimizer="
+                                 f"{self.optimizer!r} does not use it (it is {owner}'s); remove it or change the "
+                                 "optimizer")
 
     @property
     def dynamic_scaling(self) -> bool:

@@ -39,12 +39,15 @@ def test_end_to_end_two_ranks(tmp_path):
             im.verify()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_loss"] < summary["uniform_loss"]
-    assert (out / "checkpoint.pt").exists()
+    assert [p.name for p in out.glob("checkpoint-*.pt")] == ["checkpoint-0000006.pt"]
     assert (out / "trace.rank0.json").exists() and (out / "trace.rank1.json").exists()
 
 
-def _master(path):
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+def _master(run):
+    from pyengine.checkpoint import read_file
+    from pyengine.train.checkpoints import latest_checkpoint
+
+    sd = read_file(latest_checkpoint(run))
     return sd["master"], sd["optimizer"]["state"], sd["boundaries"]
 
 
@@ -64,12 +67,12 @@ def test_interrupt_then_resume_is_bitwise(tmp_path):
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     output, _ = p.communicate(timeout=120)
     assert p.returncode == 130, output[-3000:]
-    stopped = _master(run / "checkpoint.pt")[2]
+    stopped = _master(run)[2]
     assert 3 <= stopped < 60, "the run must have stopped part-way"
     assert (run / "report.md").exists(), "an interrupted run still writes its report"
     res = cli("--resume", str(run))
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = _master(ref / "checkpoint.pt"), _master(run / "checkpoint.pt")
+    a, b = _master(ref), _master(run)
     assert a[2] == b[2] == 60
     for x, y in zip(a[0], b[0]):
         assert torch.equal(x, y)
@@ -95,20 +98,22 @@ def test_bad_flags_exit_2(args, message):
 
 def test_resume_without_checkpoint_exit_2(tmp_path):
     res = cli("--resume", str(tmp_path))
-    assert res.returncode == 2 and "no checkpoint.pt" in res.stderr
+    assert res.returncode == 2 and "no checkpoint and config.json there" in res.stderr
 
 
 def test_help_documents_every_flag():
     res = cli("--help")
     assert res.returncode == 0
     for flag in ("--steps", "--model", "--batch-size", "--seq-len", "--grad-accum", "--precision", "--comm-dtype",
-                 "--lr", "--data", "--out", "--resume", "--seed", "--baseline", "--trace", "--nproc"):
+                 "--lr", "--data", "--out", "--resume", "--seed", "--baseline", "--trace", "--nproc",
+                 "--keep-checkpoints", "--comm-timeout"):
         assert flag in res.stdout
 
 
-def test_a_failing_rank_is_reported_with_its_error(tmp_path):
+def test_too_little_data_is_refused_before_any_rank_starts(tmp_path):
     small = tmp_path / "tiny.txt"
     small.write_text("just a few bytes\n" * 6)
     res = cli("--model", "tiny", "--steps", "2", "--data", str(small), "--out", str(tmp_path / "run"))
-    assert res.returncode == 1
-    assert "too little for seq_len" in res.stderr and "rank" in res.stderr
+    assert res.returncode == 2
+    assert "102 bytes give each of 2 rank(s) 51 bytes, fewer than the 196 that --seq-len 64 needs" in res.stderr
+    assert not (tmp_path / "run").exists()

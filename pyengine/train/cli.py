@@ -75,23 +75,25 @@ def build_parser():
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between progress updates (10)")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints; 0: only at the end (100)")
     p.add_argument("--eval-batches", type=_positive_int, default=20, help="held-out batches per rank (20)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=2,
+                   help="checkpoints kept in the run folder, newest first; a damaged one is skipped on --resume (2)")
+    p.add_argument("--comm-timeout", type=_positive_float, default=300.0,
+                   help="seconds a collective may wait for a stalled or dead rank before the run fails (300)")
     return p
 
 
-def resolve(args, parser):
+# flags that may differ on --resume: they change how the run is watched or how long it goes,
+# not what it computes
+RESUME_MAY_CHANGE = ("steps", "log_every", "ckpt_every", "eval_batches", "keep_checkpoints", "comm_timeout", "trace",
+                     "baseline")
+
+
+def resolve(args, parser, argv):
     """Checks what argparse cannot and fills defaults that depend on the machine."""
     import torch
 
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not (run_dir / "checkpoint.pt").exists() or not cfg_path.exists():
-            parser.error(f"--resume {args.resume}: no checkpoint.pt and config.json there (is it a pyengine-train "
-                         "output folder?)")
-        saved = json.loads(cfg_path.read_text())
-        steps = args.steps if _in_argv("--steps") else saved["steps"]
-        args = argparse.Namespace(**{**saved, "steps": steps, "resume": str(run_dir), "out": str(run_dir)})
-        return args
+        return _resolve_resume(args, parser, argv)
     if args.warmup < 0:
         parser.error("--warmup: must be >= 0")
     if args.weight_decay < 0:
@@ -113,14 +115,96 @@ def resolve(args, parser):
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.device == "cuda" and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) visible")
-    seq = args.seq_len or PRESETS[args.model].seq_len
-    args.seq_len = seq
+    args.seq_len = args.seq_len or PRESETS[args.model].seq_len
+    _check_data_fits(args, parser)
+    _check_attention_fits(args, parser)
     if args.out is None:
-        args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        args.out = _new_run_folder()
     return args
 
 
-_ARGV = []
+def _resolve_resume(args, parser, argv):
+    run_dir = Path(args.resume)
+    from .checkpoints import latest_checkpoint
+
+    if not (run_dir / "config.json").exists() or latest_checkpoint(run_dir) is None:
+        parser.error(f"--resume {args.resume}: no checkpoint and config.json there (is it a pyengine-train output "
+                     "folder that reached its first checkpoint?)")
+    saved = {**vars(build_parser().parse_args([])), **json.loads((run_dir / "config.json").read_text())}
+    given = vars(_explicit(argv))
+    given.pop("resume", None)
+    if "out" in given and Path(given.pop("out")).resolve() != run_dir.resolve():
+        parser.error(f"--out with --resume {args.resume}: a run continues in its own folder; drop --out")
+    conflicts = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != saved.get(k)]
+    if conflicts:
+        what = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in conflicts)
+        parser.error(f"--resume {args.resume}: {what}: these set what the run computes and cannot change "
+                     "mid-run; drop them, or start a new run with another --out")
+    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE and v != saved.get(k)}
+    if changed:
+        print("pyengine-train: resuming with " + ", ".join(
+            f"--{k.replace('_', '-')} {v} (was {saved.get(k)})" for k, v in changed.items()), file=sys.stderr)
+    return argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
+
+
+def _explicit(argv):
+    """Only the options given on the command line (their defaults suppressed)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return p.parse_args(argv)
+
+
+def _check_data_fits(args, parser):
+    """The corpus must give every rank one training and one held-out window."""
+    from .data import corpus_files
+
+    try:
+        files = corpus_files(args.data)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    total = sum(f.stat().st_size for f in files)
+    per_rank = min(total // args.nproc, int(args.max_data_mb * 1e6))
+    need = 2 * (args.seq_len + 2) + args.seq_len
+    if per_rank < need:
+        where = args.data or "the Python standard library"
+        parser.error(f"--data {where}: {total} bytes give each of {args.nproc} rank(s) {per_rank} bytes, fewer than the "
+                     f"{need} that --seq-len {args.seq_len} needs; use more data, a shorter --seq-len or fewer ranks")
+
+
+def _check_attention_fits(args, parser):
+    """On the CPU, attention materializes a seq_len x seq_len score matrix per head: refuse a
+    --seq-len whose scores alone would not fit in the memory the machine has free."""
+    if args.device != "cpu":
+        return
+    cfg = PRESETS[args.model]
+    # scores, softmax and their gradients: about 4 float32 copies, on every rank at once
+    need = 4 * 4 * args.batch_size * cfg.n_head * args.seq_len ** 2 * args.nproc
+    free = _free_memory()
+    if free and need > 0.8 * free:
+        parser.error(f"--seq-len {args.seq_len}: attention alone needs about {need / 2**30:.0f} GiB on this machine "
+                     f"({args.nproc} rank(s) x batch {args.batch_size} x {cfg.n_head} heads x seq_len^2), "
+                     f"{free / 2**30:.0f} GiB is free; lower --seq-len or --batch-size")
+
+
+def _free_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _new_run_folder():
+    base = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    path, k = base, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return path
 
 
 def _require_train_extras(parser):
@@ -133,68 +217,33 @@ def _require_train_extras(parser):
                      "pip install 'pyengine[train]' (or pip install '.[train]' in a clone)")
 
 
-def _in_argv(flag):
-    return any(a == flag or a.startswith(flag + "=") for a in _ARGV)
-
-
-LAUNCH_ENV = "PYENGINE_TRAIN_LAUNCH"
-
-
 def main(argv=None):
+    from . import rundir
     from .worker import in_torchrun, train
 
-    if in_torchrun() and os.environ.get(LAUNCH_ENV):
-        # a rank we started: the resolved arguments travel as a file, not as argv
-        from torch.distributed.elastic.multiprocessing.errors import record
-
-        # record: the launcher's failure summary then names the rank and shows its traceback
-        return record(train)(argparse.Namespace(**json.loads(Path(os.environ[LAUNCH_ENV]).read_text())))
     argv = list(sys.argv[1:] if argv is None else argv)
-    _ARGV[:] = argv
     parser = build_parser()
-    args = resolve(parser.parse_args(argv), parser)
+    args = resolve(parser.parse_args(argv), parser, argv)
     _require_train_extras(parser)
-    if in_torchrun():  # started by the user's own torchrun (e.g. several nodes)
-        return train(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    first = int(os.environ.get("RANK", "0")) == 0
+    if first and not args.resume:
+        try:
+            rundir.check_fresh(out)
+        except rundir.RunFolderError as exc:
+            parser.error(str(exc))
+    if in_torchrun():  # the user's own torchrun (e.g. several nodes): this process is one rank
+        if first and not args.resume:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(vars(args), indent=1))
+        return train(args)
+    try:
+        lock_fd = rundir.lock(out)
+    except rundir.RunFolderError as exc:
+        print(f"pyengine-train: {exc}", file=sys.stderr)
+        return 2
     if not args.resume:
         (out / "config.json").write_text(json.dumps(vars(args), indent=1))
-    if args.nproc == 1:
-        return train(args)
-    return _launch(args)
+    from .launch import Launcher
 
-
-def _launch(args):
-    """Starts args.nproc ranks on this machine through torch.distributed's launcher."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    launch_file = Path(args.out) / ".launch.json"
-    launch_file.write_text(json.dumps(vars(args)))
-    os.environ[LAUNCH_ENV] = str(launch_file.resolve())
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    launcher = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={args.nproc}", "--max-restarts=0", "--module", "pyengine.train"])
-    try:
-        run(launcher)
-    except ChildFailedError as exc:
-        # Ranks ended by a signal were stopped by the launcher (or by Ctrl-C); a rank that
-        # exited with an error of its own is the cause, the earliest one first.
-        signalled = (-2, -9, -15, 130)
-        errors = [f for f in exc.failures.values() if f.exitcode not in signalled]
-        if not errors:
-            print(f"pyengine-train: interrupted; outputs so far are in {args.out} (resume with --resume {args.out})",
-                  file=sys.stderr)
-            return 130
-        first = min(errors, key=lambda f: f.timestamp)
-        print(exc.format_msg(), file=sys.stderr)
-        print(f"pyengine-train: rank {first.global_rank} failed (exit code {first.exitcode}). Outputs so far: "
-              f"{args.out}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, SignalException):
-        print(f"pyengine-train: interrupted; outputs so far are in {args.out} (resume with --resume {args.out})",
-              file=sys.stderr)
-        return 130
-    return 0
+    return Launcher(args, out, lock_fd).run()

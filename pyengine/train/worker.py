@@ -3,7 +3,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -14,6 +13,7 @@ import torch.distributed as dist
 
 from pyengine import Engine, EngineConfig
 
+from . import checkpoints, rundir
 from .data import ShardData
 from .evaluate import evaluate, sample_text
 from .model import build_model, decay_groups
@@ -39,64 +39,36 @@ def _setup_logging(rank):
     return logging.getLogger("pyengine.train")
 
 
-class StopFlag:
-    """Ctrl-C / SIGTERM ask for a clean stop at the next agreement point; another one, a few
-    seconds later, stops at once.
+def train(args, stop=None):
+    """Returns 0 when the run reached args.steps, 130 when it stopped early on request."""
+    from .stop import StopFlag
 
-    Note: a terminal's Ctrl-C reaches every rank and the launcher, which then forwards a
-    signal of its own to each rank; repeats within `grace_s` count as the same request, so
-    the ranks still checkpoint and report before they exit.
-    """
-
-    grace_s = 5.0
-
-    def __init__(self):
-        self.requested = False
-        self._first = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        now = time.monotonic()
-        if self.requested and now - self._first > self.grace_s:
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.requested, self._first = True, now
-
-    def agreed(self, device):
-        """True on every rank when any rank was asked to stop."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        t = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
-def train(args):
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     log = _setup_logging(rank)
+    stop = stop or StopFlag()
     device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stop = StopFlag()
+    lock_fd = None
+    if rank == 0 and not os.environ.get("PYENGINE_TRAIN_LOCK_FD"):  # the user's torchrun: no launcher holds it
+        lock_fd = rundir.lock(out)
 
     data = ShardData(args.data, rank, world, args.seq_len, int(args.max_data_mb * 1e6))
     model = build_model(args, device)
     cfg = EngineConfig(precision=args.precision, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                        clip_grad_norm=args.clip, grad_accum_steps=args.grad_accum, comm_dtype=args.comm_dtype,
-                       trace_path=str(out / "trace.json") if args.trace else None)
+                       comm_timeout=args.comm_timeout, trace_path=str(out / "trace.json") if args.trace else None)
     engine = Engine(model, cfg, param_groups=decay_groups(model, args.weight_decay))
     if engine.world_size != world:
         raise RuntimeError(f"expected {world} ranks, the process group has {engine.world_size}")
     sched = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(args))
-    ckpt = out / "checkpoint.pt"
     start = 0
     if args.resume:
-        sd = torch.load(ckpt, map_location="cpu", weights_only=False)
+        sd, path = checkpoints.load_newest_good(out)
         saved_world = sd.get("extra", {}).get("world_size", world)
         if saved_world != world:
             raise ValueError(f"--resume: the run used {saved_world} ranks, this one has {world}; resume with "
@@ -105,7 +77,8 @@ def train(args):
         start = engine.boundary_steps
         sched.last_epoch = start
         if rank == 0:
-            log.info("resumed %s at step %d", out, start)
+            rundir.truncate_metrics(out, start)
+            log.info("resumed %s at step %d from %s", out, start, path.name)
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
@@ -118,11 +91,15 @@ def train(args):
         log.info("%s: %.2fM params, %d rank(s) on %s, %s, %d tokens/step", args.model, n_params / 1e6, world,
                  device.type, args.precision, tokens_per_step)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    pending = []  # per step: device tensor [loss, loss_scale, skipped, grad_norm] + host timings
+    log_ = _MetricsLog(metrics, pbar, tokens_per_step)
     comm_prev = engine.stats()
     step = start
     interrupted = False
-    t_window = time.perf_counter()
+
+    def save(at):
+        log_.flush()  # a checkpoint at step s always has the metrics of steps <= s on disk
+        checkpoints.save(engine, out, at, args.keep_checkpoints, extra={"world_size": world})
+
     try:
         while step < args.steps:
             t0 = time.perf_counter()
@@ -144,39 +121,36 @@ def train(args):
                 st = engine.stats()
                 exposed = st["exposed_comm_s"] - comm_prev["exposed_comm_s"]
                 comm_prev = st
-            pending.append((torch.stack([loss_sum / args.grad_accum, engine.scaler.scale_tensor.reshape(()),
-                                         result.flag.reshape(()), engine.grad_norm_tensor.reshape(())]),
-                            {"step": step + 1, "lr": engine.optimizer.param_groups[0]["lr"],
-                             "fwd_bwd_s": t1 - t0, "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed),
-                             "step_s": t2 - t0}))
+            log_.add(torch.stack([loss_sum / args.grad_accum, engine.scaler.scale_tensor.reshape(()),
+                                  result.flag.reshape(()), engine.grad_norm_tensor.reshape(())]),
+                     {"step": step + 1, "lr": engine.optimizer.param_groups[0]["lr"], "fwd_bwd_s": t1 - t0,
+                      "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed), "step_s": t2 - t0})
             step += 1
+            _injected_fault(rank, step)
             if step % args.log_every == 0 or step == args.steps:
-                if device.type == "cuda":  # spread the interval's exposed time over its steps
-                    st = engine.stats()
-                    share = (st["exposed_comm_s"] - comm_prev["exposed_comm_s"]) / len(pending)
-                    comm_prev = st
-                    for _, info in pending:
-                        info["exposed_comm_s"] = share
-                        info["optimizer_s"] = max(0.0, info["step_s"] - info["fwd_bwd_s"] - share)
-                _flush(pending, metrics, pbar, tokens_per_step, t_window)
-                pending, t_window = [], time.perf_counter()
-                if stop.agreed(device):
-                    interrupted = True
-                    break
-            if args.ckpt_every and step % args.ckpt_every == 0:
-                _save(engine, ckpt, world)
+                if device.type == "cuda":
+                    comm_prev = log_.spread_exposed(engine.stats(), comm_prev)
+                log_.flush()
+            if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+                save(step)
+            if stop.poll():  # every rank, one step after any was asked to stop
+                interrupted = True
+                break
     except KeyboardInterrupt:
         interrupted = True
-        log.warning("second interrupt: stopping without waiting for the other ranks")
+        log.warning("second interrupt: stopping without a checkpoint")
         raise
     finally:
-        if pending and rank == 0:
-            _flush(pending, metrics, pbar, tokens_per_step, t_window)
-        if pbar is not None:
-            pbar.close()
-        if metrics is not None:
-            metrics.close()
-    _save(engine, ckpt, world)
+        if rank == 0:
+            try:
+                log_.flush()
+            finally:
+                if pbar is not None:
+                    pbar.close()
+                if metrics is not None:
+                    metrics.close()
+    stop.finish()
+    save(step)
     val = evaluate(model, data, args, device)
     trace = engine.close()
     summary = {"steps_done": step, "interrupted": interrupted, "val_loss": val, "uniform_loss": UNIFORM_LOSS,
@@ -195,28 +169,57 @@ def train(args):
         path = write_report(out, vars(args), summary)
         log.info("held-out loss %.3f nats/byte (uniform guess %.3f); report: %s", val, UNIFORM_LOSS, path)
         if interrupted:
-            log.warning("interrupted at step %d; continue with: pyengine-train --resume %s", step, out)
+            log.warning("stopped at step %d (%s); continue with: pyengine-train --resume %s", step,
+                        stop.why or "asked to stop", out)
     if dist.is_initialized():
         dist.barrier()
+    if lock_fd is not None:
+        os.close(lock_fd)
     return 130 if interrupted else 0
 
 
-def _save(engine, path, world):
-    engine.save(path, extra={"world_size": world})
+def _injected_fault(rank, step):
+    """PYENGINE_TRAIN_FAULT=RANK:STEP makes that rank raise after that step: how the tests (and
+    anyone checking a deployment) see one rank fail on its own."""
+    spec = os.environ.get("PYENGINE_TRAIN_FAULT")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure (PYENGINE_TRAIN_FAULT={spec})")
 
 
-def _flush(pending, metrics, pbar, tokens_per_step, t_window):
-    if not pending:
-        return
-    values = torch.stack([v for v, _ in pending]).tolist()  # one host read per interval
-    elapsed = time.perf_counter() - t_window
-    tps = tokens_per_step * len(pending) / max(elapsed, 1e-9)
-    if metrics is not None:
-        for (loss, scale, skipped, norm), (_, info) in zip(values, pending):
-            rec = {**info, "loss": loss, "loss_scale": scale, "skipped": bool(skipped), "grad_norm": norm,
-                   "tokens_per_s": tokens_per_step / max(info["step_s"], 1e-9)}
-            metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
-    if pbar is not None:
-        pbar.update(len(pending))
-        pbar.set_postfix(loss=f"{values[-1][0]:.3f}", tok_s=f"{tps:,.0f}", scale=f"{values[-1][1]:g}")
+class _MetricsLog:
+    """Rank 0's metrics.jsonl and progress bar: one host read per flush, not per step."""
+
+    def __init__(self, file, pbar, tokens_per_step):
+        self.file, self.pbar, self.tokens_per_step = file, pbar, tokens_per_step
+        self.pending = []  # per step: device tensor [loss, loss_scale, skipped, grad_norm] + host timings
+        self.t_window = time.perf_counter()
+
+    def add(self, values, info):
+        self.pending.append((values, info))
+
+    def spread_exposed(self, stats, prev):
+        """CUDA: spread the interval's exposed communication time over its steps."""
+        if self.pending:
+            share = (stats["exposed_comm_s"] - prev["exposed_comm_s"]) / len(self.pending)
+            for _, info in self.pending:
+                info["exposed_comm_s"] = share
+                info["optimizer_s"] = max(0.0, info["step_s"] - info["fwd_bwd_s"] - share)
+        return stats
+
+    def flush(self):
+        if not self.pending or (self.file is None and self.pbar is None):
+            self.pending = []
+            return
+        values = torch.stack([v for v, _ in self.pending]).tolist()
+        elapsed = time.perf_counter() - self.t_window
+        if self.file is not None:
+            for (loss, scale, skipped, norm), (_, info) in zip(values, self.pending):
+                rec = {**info, "loss": loss, "loss_scale": scale, "skipped": bool(skipped), "grad_norm": norm,
+                       "tokens_per_s": self.tokens_per_step / max(info["step_s"], 1e-9)}
+                self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.pbar is not None:
+            self.pbar.update(len(self.pending))
+            tps = self.tokens_per_step * len(self.pending) / max(elapsed, 1e-9)
+            self.pbar.set_postfix(loss=f"{values[-1][0]:.3f}", tok_s=f"{tps:,.0f}", scale=f"{values[-1][1]:g}")
+        self.pending, self.t_window = [], time.perf_counter()

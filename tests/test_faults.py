@@ -1,0 +1,277 @@
+"""The main job and the Engine under faults: a rank that raises or is killed, Ctrl-C far from a
+log point, a killed launcher, a second writer, a reused folder, a crash between checkpoints, a
+damaged checkpoint, and bad inputs refused before anything starts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from pyengine import Engine, EngineConfig
+from pyengine.checkpoint import CheckpointError, read_file
+from pyengine.train.checkpoints import checkpoints
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--model", "tiny", "--batch-size", "4", "--max-data-mb", "0.5", "--eval-batches", "2"]
+LONG = [*TINY, "--steps", "100000", "--log-every", "100000", "--ckpt-every", "0"]
+
+
+def cli(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "pyengine.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+class Run:
+    """The main job in a process group of its own, as a terminal would run it, with its stderr
+    read as it comes."""
+
+    def __init__(self, *args, env=None):
+        self.p = subprocess.Popen([sys.executable, "-m", "pyengine.train", *args], start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **(env or {})})
+        self.pid = self.p.pid
+        self.lines = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.p.stderr), daemon=True)
+        self._reader.start()
+
+    def wait_training(self, timeout=120):
+        """Until rank 0 announces the run, then a little more: some steps done."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any("tokens/step" in line for line in list(self.lines)):
+                time.sleep(2.0)
+                return
+            if self.p.poll() is not None:
+                raise AssertionError("the run ended early: " + "".join(self.lines)[-2000:])
+            time.sleep(0.1)
+        raise AssertionError("the run did not start")
+
+    def finish(self, timeout=120):
+        self.p.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return self.p.returncode, "".join(self.lines)
+
+
+def children(pid):
+    res = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in res.stdout.split()]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its reaper is gone for our purpose
+        return f.read().split()[2] != "Z"
+
+
+def metric_steps(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_rank_that_raises_is_reported_once_with_its_traceback(tmp_path):
+    res = cli(*TINY, "--steps", "8", "--out", str(tmp_path / "run"), env={"PYENGINE_TRAIN_FAULT": "1:3"})
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "pyengine-train: rank 1 failed: RuntimeError: injected failure (PYENGINE_TRAIN_FAULT=1:3)" in res.stderr
+    assert "_injected_fault" in res.stderr, "the last lines of its traceback"
+    assert res.stderr.count("Traceback") == 1, "one report, not one per rank"
+
+
+def test_a_rank_killed_by_a_signal_is_a_failure_not_an_interrupt(tmp_path):
+    out = tmp_path / "run"
+    run = Run(*LONG, "--out", str(out))
+    run.wait_training()
+    ranks = children(run.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    code, err = run.finish(timeout=60)
+    assert code == 1, err[-2000:]
+    assert "rank 1 failed: killed by SIGKILL" in err and "interrupted" not in err
+
+
+def test_ctrl_c_far_from_a_log_point_checkpoints_and_reports(tmp_path):
+    out = tmp_path / "run"
+    run = Run(*LONG, "--out", str(out))
+    run.wait_training()
+    t0 = time.time()
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    code, err = run.finish()
+    assert code == 130, err[-2000:]
+    assert time.time() - t0 < 60, "stops at the next step, not at the next log point"
+    [ckpt] = checkpoints(out)
+    sd = read_file(ckpt)
+    assert sd["boundaries"] > 0 and (out / "report.md").exists()
+    assert metric_steps(out) == list(range(1, sd["boundaries"] + 1))
+    assert f"--resume {out}" in err
+
+
+def test_ranks_die_with_their_launcher(tmp_path):
+    out = tmp_path / "run"
+    run = Run(*LONG, "--out", str(out))
+    run.wait_training()
+    ranks = children(run.pid)
+    os.kill(run.pid, signal.SIGKILL)  # the OOM killer, or kill -9
+    run.finish()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(alive(r) for r in ranks):
+        time.sleep(0.2)
+    assert not any(alive(r) for r in ranks), "orphaned ranks"
+    assert checkpoints(out), "they stopped like on Ctrl-C: a checkpoint at the next step"
+    res = cli("--resume", str(out), "--steps", str(read_file(checkpoints(out)[0])["boundaries"] + 2))
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path):
+    out = tmp_path / "run"
+    run = Run(*LONG, "--out", str(out))
+    try:
+        run.wait_training()
+        res = cli(*TINY, "--out", str(out))
+        assert res.returncode == 2 and "already holds a run" in res.stderr
+        (out / "checkpoint-0000001.pt").write_bytes(b"placeholder")  # --resume then passes its own checks
+        res = cli("--resume", str(out))
+        assert res.returncode == 2 and "in use by another pyengine-train (pid" in res.stderr
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.finish()
+
+
+def test_reusing_a_run_folder_without_resume_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", "2", "--out", str(out)).returncode == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    res = cli(*TINY, "--steps", "2", "--out", str(out))
+    assert res.returncode == 2 and "already holds a run; continue it with --resume" in res.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before, "nothing was changed"
+
+
+def test_after_a_crash_and_resume_each_step_is_logged_once(tmp_path):
+    out = tmp_path / "run"
+    res = cli(*TINY, "--steps", "12", "--log-every", "1", "--ckpt-every", "5", "--out", str(out),
+              env={"PYENGINE_TRAIN_FAULT": "0:8"})
+    assert res.returncode == 1
+    assert metric_steps(out)[-1] == 8, "steps 6-8 were logged after the checkpoint at 5"
+    res = cli("--resume", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert metric_steps(out) == list(range(1, 13))
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_older_one(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", "6", "--ckpt-every", "3", "--out", str(out)).returncode == 0
+    newest, older = checkpoints(out)
+    assert (newest.name, older.name) == ("checkpoint-0000006.pt", "checkpoint-0000003.pt")
+    data = bytearray(newest.read_bytes())
+    g = torch.Generator().manual_seed(0)
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8).tolist())
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        read_file(newest)
+    res = cli("--resume", str(out), "--steps", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "checksum does not match" in res.stderr and "resuming from the older checkpoint" in res.stderr
+    assert "resumed" in res.stderr and "at step 3" in res.stderr
+    assert [c.name for c in checkpoints(out)] == ["checkpoint-0000008.pt", "checkpoint-0000006.pt"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seq-len", "100000"], "--seq-len 100000"),
+    (["--data", "EMPTY_FILE"], "0 bytes give each of 2 rank(s)"),
+    (["--data", "EMPTY_DIR"], "the folder holds no text files"),
+    (["--comm-timeout", "0"], "--comm-timeout"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+])
+def test_bad_inputs_are_refused_before_any_rank_starts(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_dir" / "data.bin").write_bytes(b"\0")
+    args = [a.replace("EMPTY_FILE", str(tmp_path / "empty.txt")).replace("EMPTY_DIR", str(tmp_path / "empty_dir"))
+            for a in args]
+    t0 = time.time()
+    res = cli(*TINY, "--steps", "2", "--out", str(tmp_path / "run"), *args, timeout=60)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert time.time() - t0 < 30
+
+
+def test_resume_refuses_changes_to_what_the_run_computes_and_applies_the_others(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", "2", "--out", str(out)).returncode == 0
+    res = cli("--resume", str(out), "--model", "small", "--lr", "0.1", "--nproc", "1")
+    assert res.returncode == 2
+    for part in ("--model small (the run has tiny)", "--lr 0.1 (the run has 0.002)", "--nproc 1 (the run has 2)"):
+        assert part in res.stderr
+    res = cli("--resume", str(out), "--steps", "3", "--comm-timeout", "60")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming with --steps 3 (was 2), --comm-timeout 60.0 (was 300.0)" in res.stderr
+
+
+# -- the Engine's own surprises (one process) ----------------------------------------------------
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def test_backward_twice_without_step_raises_in_one_process_too():
+    m = _mlp()
+    e = Engine(m, EngineConfig())
+    x = torch.randn(2, 4)
+    e.backward(m(x).sum())
+    with pytest.raises(RuntimeError, match="called twice without engine.step"):
+        e.backward(m(x).sum())
+
+
+def test_a_second_engine_on_the_same_model_is_refused_until_the_first_closes():
+    m = _mlp()
+    first = Engine(m, EngineConfig())
+    with pytest.raises(ValueError, match="already trained by another Engine"):
+        Engine(m, EngineConfig())
+    first.close()
+    Engine(m, EngineConfig())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(initial_loss_scale=float("inf")), "initial_loss_scale: must be <= 16777216"),
+    (dict(loss_scale=float("inf")), "loss_scale: must be <="),
+    (dict(optimizer="adamw", momentum=0.9), "momentum: set to 0.9, but optimizer='adamw' does not use it"),
+    (dict(optimizer="sgd", betas=(0.8, 0.9)), "betas: set to (0.8, 0.9), but optimizer='sgd'"),
+])
+def test_config_values_that_would_be_ignored_or_stall_training_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EngineConfig(**kwargs)
+
+
+def test_a_sparse_embedding_is_refused_with_a_clear_error():
+    m = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"0 is an embedding with sparse=True.*sparse=False"):
+        Engine(m, EngineConfig(precision="bf16"))
+
+
+def test_non_finite_weights_are_not_saved_over_a_good_checkpoint(tmp_path):
+    m = _mlp()
+    e = Engine(m, EngineConfig())
+    path = tmp_path / "ckpt.pt"
+    e.save(path)
+    good = path.read_bytes()
+    with torch.no_grad():
+        e.flat.master_view(0)[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"inf/NaN \(first: 0\.weight\)"):
+        e.save(path)
+    assert path.read_bytes() == good
+
+
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".pyengine-{int(dead.stdout)}-abcd.tmp"
+    stale.write_bytes(b"x" * 100)
+    mine = tmp_path / f".pyengine-{os.getpid()}-efgh.tmp"
+    mine.write_bytes(b"y")
+    Engine(_mlp(), EngineConfig()).save(tmp_path / "ckpt.pt")
+    assert not stale.exists() and mine.exists(), "only the files of writers that are gone"
