@@ -275,3 +275,24 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     mine.write_bytes(b"y")
     Engine(_mlp(), EngineConfig()).save(tmp_path / "ckpt.pt")
     assert not stale.exists() and mine.exists(), "only the files of writers that are gone"
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    out = tmp_path / "run"
+    # a long held-out evaluation keeps the ranks busy after the first Ctrl-C has stopped training
+    slow_report = ["--model", "tiny", "--batch-size", "4", "--max-data-mb", "0.5", "--eval-batches", "100000",
+                   "--steps", "100000", "--log-every", "100000", "--ckpt-every", "0"]
+    run = Run(*slow_report, "--out", str(out))
+    run.wait_training()
+    os.killpg(run.pid, signal.SIGINT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not checkpoints(out):
+        time.sleep(0.1)
+    assert checkpoints(out), "the first Ctrl-C checkpoints"
+    time.sleep(6.0)  # past the 5 s in which a repeat counts as the same request
+    t0 = time.time()
+    os.killpg(run.pid, signal.SIGINT)
+    code, err = run.finish(timeout=60)
+    assert code == 130, err[-2000:]
+    assert time.time() - t0 < 15, "the second Ctrl-C does not wait for the evaluation"
+    assert not (out / "report.md").exists(), "it stopped before the report"

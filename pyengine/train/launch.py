@@ -48,6 +48,7 @@ class Launcher:
         self.procs = []
         self.interrupts = 0
         self.first_interrupt = None
+        self.aborted = False  # a second Ctrl-C: the ranks were killed on purpose
 
     def _on_signal(self, signum, frame):
         self.interrupts += 1
@@ -63,6 +64,7 @@ class Launcher:
                     except ProcessLookupError:
                         pass
         elif now - self.first_interrupt > 5.0:  # the ranks count repeats within 5 s as one
+            self.aborted = True
             for p in self.procs:
                 if p.poll() is None:
                     p.kill()
@@ -118,7 +120,8 @@ class Launcher:
         return ended
 
     def _clean(self, code) -> bool:
-        return code == 0 or (self.interrupts > 0 and code in (130, -signal.SIGINT, -signal.SIGTERM))
+        stopped = (130, -signal.SIGINT, -signal.SIGTERM) + ((-signal.SIGKILL,) if self.aborted else ())
+        return code == 0 or (self.interrupts > 0 and code in stopped)
 
     def _report(self, codes) -> int:
         failures = [(r, c) for r, c in codes.items() if not self._clean(c)]
