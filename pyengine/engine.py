@@ -226,6 +226,13 @@ class Engine:
                 f"{self.loss_scale:g}). Training is not progressing: check the data, lower the lr, or use bf16. "
                 "Raise EngineConfig.max_consecutive_skips (0 disables) to keep going")
 
+    def capture(self, step_fn, warmup=3):
+        """A StepGraph of step_fn (forward on static inputs + engine.backward) and step():
+        see pyengine/graph.py. CUDA, one process, grad_accum_steps=1."""
+        from .graph import StepGraph
+
+        return StepGraph(self, step_fn, warmup)
+
     # -- layout rebuild (data parallel) ---------------------------------------------------------
     def _relayout(self, ready_order):
         """Lay the buffers out in the observed gradient-ready order (rank 0's, broadcast)."""
@@ -246,6 +253,7 @@ class Engine:
 
     def _after_load(self, boundaries):
         """checkpoint.load_state_dict: the window starts afresh."""
+        self.scalars.boundaries.fill_(float(boundaries))
         self.flat.grad_flat.zero_()
         if self.reducer is not None and self.reducer.wire_flat is not self.flat.grad_flat:
             self.reducer.wire_flat.zero_()
@@ -258,7 +266,7 @@ class Engine:
     @property
     def global_step(self) -> int:
         """Optimizer updates applied (boundary steps minus skipped ones), whatever the groups."""
-        return self._boundaries - self.skipped_steps
+        return self.boundary_steps - self.skipped_steps
 
     @property
     def skipped_steps(self) -> int:
@@ -289,8 +297,9 @@ class Engine:
 
     @property
     def boundary_steps(self) -> int:
-        """Accumulation boundaries reached (applied plus skipped updates)."""
-        return self._boundaries
+        """Accumulation boundaries reached (applied plus skipped updates), counted on the
+        device, so steps replayed from a captured CUDA graph count too."""
+        return int(self.scalars.boundaries.item())
 
     def memory_per_param(self) -> dict:
         """Persistent bytes per trainable parameter (flat buffers)."""

@@ -36,6 +36,14 @@ def _sgd_config(mod, g):
     return c
 
 
+def _adam_hyper(g):
+    return [g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]]
+
+
+def _sgd_hyper(g):
+    return [g["lr"], g["momentum"], g["dampening"], g["weight_decay"]]
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """What the engine needs to know about one optimizer."""
@@ -45,16 +53,17 @@ class OptimizerSpec:
     config: Callable  # (core module, group dict) -> the core's config struct
     states: Callable  # (param groups) -> names of the flat fp32 state buffers, in the core's order
     torch_states: Tuple[str, ...]  # the same names in torch.optim's per-parameter state
+    hyper: Callable  # (checked group values) -> the config's float fields in the core's order
 
 
 SPECS: Dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", ("lr", "betas", "eps", "weight_decay"), "adam_step", _adam_config(True),
-                           lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq")),
+                           lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq"), _adam_hyper),
     "adam": OptimizerSpec("adam", ("lr", "betas", "eps", "weight_decay"), "adam_step", _adam_config(False),
-                          lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq")),
+                          lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq"), _adam_hyper),
     "sgd": OptimizerSpec("sgd", ("lr", "momentum", "dampening", "weight_decay", "nesterov"), "sgd_step", _sgd_config,
                          lambda groups: ("momentum_buffer",) if any(g["momentum"] > 0 for g in groups) else (),
-                         ("momentum_buffer",)),
+                         ("momentum_buffer",), _sgd_hyper),
 }
 
 

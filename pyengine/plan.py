@@ -15,7 +15,10 @@ import torch
 
 from .optim import check_group
 
+from ._native import _C
+
 _CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HYPER_SLOTS = int(_C.HYPER_SLOTS)
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -67,8 +70,9 @@ class StepPlan:
         a.inv_scale = scalars.ptr("inv_scale")
         a.max_norm = math.inf if max_norm is None else float(max_norm)
         a.loss_scale = scaler.config
+        if scaler.host_mirror is not None:
+            a.host_mirror = scaler.host_mirror.data_ptr()
         self._scalar_args = a
-        self._scaler = scaler
         ptr = scalars.ptr
         self.zero_in_pass = zero_in_pass
         self._clear_grads = (g.data_ptr(), dtype_code(g), g.numel(), 0.0)
@@ -76,6 +80,8 @@ class StepPlan:
         fn = getattr(mod, optimizer.spec.native)
         states = [flat.state[name] for name in optimizer.spec.states(optimizer.param_groups)]
         half_model = flat.master_flat is not flat.param_flat
+        # each group's float hyper-parameters in device memory (see core.h, kHyperSlots)
+        self.hyper = torch.zeros(len(optimizer.param_groups), HYPER_SLOTS, dtype=torch.float32, device=flat.device)
         for gi, span in enumerate(flat.layout.groups):
             if span.numel == 0:
                 continue
@@ -89,6 +95,7 @@ class StepPlan:
             a.n = span.numel
             a.grad_scale, a.found_inf = ptr("grad_coef"), ptr("found_inf")
             a.step = _at(optimizer.steps, gi)
+            a.hyper = _at(self.hyper, gi * HYPER_SLOTS)
             self.passes.append(_Pass(gi, fn, a, optimizer.spec))
         self._optimizer = optimizer
         # fp32 main grads: where each parameter's half gradient is added (grads.py's hook)
@@ -102,10 +109,10 @@ class StepPlan:
         """found_inf and sumsq (one read-only pass, or the buckets' rows), grad_norm and
         grad_coef, then the loss-scale update: one native call."""
         self.mod.step_scalars(self._scalar_args, stream)
-        self._scaler.after_update()
 
-    def update(self, stream):
-        """One fused optimizer pass per non-empty param group."""
+    def sync_hyper(self, stream):
+        """Each group's hyper-parameters as the optimizer's param_groups hold them now, to the
+        device (only what changed, validated first). A captured step reads them from there."""
         groups = self._optimizer.param_groups
         for p in self.passes:
             group = groups[p.group_index]
@@ -113,6 +120,12 @@ class StepPlan:
             if values != p.values:  # first step, or a scheduler / the user changed a value
                 checked = check_group(p.spec, group, f"engine.optimizer.param_groups[{p.group_index}]")
                 p.config, p.values = p.spec.config(self.mod, checked), values
+                self.mod.set_scalars(p.args.hyper, p.spec.hyper(checked), stream)
+
+    def update(self, stream):
+        """One fused optimizer pass per non-empty param group."""
+        self.sync_hyper(stream)
+        for p in self.passes:
             p.fn(p.args, p.config, stream)
 
     def zero_grads(self, stream):

@@ -2,9 +2,9 @@
 
 Note: reading the scale or the skip counts from Python is the only host-device sync, and it
 is lazy. To notice a long run of skipped steps without a sync (and without an event query,
-which a CUDA graph cannot capture), the state is copied to pinned host memory after every
-update and read from there; the copy may be a step or two behind, which only delays the
-error that max_consecutive_skips raises.
+which a CUDA graph cannot capture), the step's native call copies the state into pinned host
+memory after every update, and the engine reads it there; the copy may be a step or two
+behind, which only delays the error that max_consecutive_skips raises.
 """
 import torch
 
@@ -29,9 +29,11 @@ class LossScaler:
         else:  # a fixed scale (x1 either way): only the skip counters move
             self.config = ops.loss_scale_config(mod, 1.0, 1.0, 1e-30, 3e38, 2**30, 1, False)
         cuda = scalars.tensor.device.type == "cuda"
-        self._host = torch.zeros(LOSS_SCALE_STATE_SIZE, pin_memory=True) if cuda else None
+        # On a GPU the step's native call copies the state here (pinned host memory it writes
+        # through the unified address space: no event, no torch op, capturable in a CUDA graph).
+        self.host_mirror = torch.zeros(LOSS_SCALE_STATE_SIZE, pin_memory=True) if cuda else None
         # a numpy view of host memory: reading one float costs no torch op
-        self._host_view = (self._host if cuda else scalars.loss_scale_state).numpy()
+        self._host_view = (self.host_mirror if cuda else scalars.loss_scale_state).numpy()
         self._consecutive = LOSS_SCALE_SLOTS["consecutive_skips"]
 
     @property
@@ -41,11 +43,6 @@ class LossScaler:
     @property
     def inv_scale_tensor(self):
         return self.scalars.inv_scale
-
-    def after_update(self):
-        """The step's native call updated the state (plan.step_scalars): refresh the host copy."""
-        if self._host is not None:
-            self._host.copy_(self.scalars.loss_scale_state, non_blocking=True)
 
     def lagged_consecutive_skips(self) -> int:
         """Consecutive skipped steps, without a sync (on a GPU, as of a recent update)."""
@@ -59,5 +56,5 @@ class LossScaler:
 
     def load_state_dict(self, sd):
         self.scalars.loss_scale_state.copy_(sd["state"].to(self.scalars.tensor.device))
-        if self._host is not None:
-            self._host.copy_(sd["state"])
+        if self.host_mirror is not None:
+            self.host_mirror.copy_(sd["state"])

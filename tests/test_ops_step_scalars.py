@@ -40,6 +40,8 @@ def test_fused_equals_the_separate_ops(dtype, n, bad):
     ops.unscale_check_sumsq(g, sep.found_inf, sep.sumsq, inv_scale=sep.inv_scale)
     ops.clip_coef(sep.sumsq, 1.0, sep.norm_and_coef, inv_scale=sep.inv_scale)
     ops.update_loss_scale(sep.loss_scale_state, sep.found_inf, growth_interval=3, hysteresis=2)
+    assert fused.boundaries.item() == 1.0, "the fused call also counts the boundary step"
+    fused.boundaries.zero_()
     assert torch.equal(fused.tensor.nan_to_num(nan=-1.0), sep.tensor.nan_to_num(nan=-1.0))
     assert fused.found_inf.item() == (0.0 if bad is None or n == 0 else 1.0)
 

@@ -68,7 +68,8 @@ inline void bind_types(py::module_& m) {
       .def_readwrite("n", &OptimizerArgs::n)
       .PE_ADDR_FIELD(OptimizerArgs, const float, grad_scale)
       .PE_ADDR_FIELD(OptimizerArgs, const float, found_inf)
-      .PE_ADDR_FIELD(OptimizerArgs, float, step);
+      .PE_ADDR_FIELD(OptimizerArgs, float, step)
+      .PE_ADDR_FIELD(OptimizerArgs, const float, hyper);
 
   py::class_<StepScalarArgs>(m, "StepScalarArgs", "Inputs and outputs of the step's scalar work (step_scalars)")
       .def(py::init<>())
@@ -82,13 +83,15 @@ inline void bind_types(py::module_& m) {
       .PE_ADDR_FIELD(StepScalarArgs, const float, inv_scale)
       .PE_ADDR_FIELD(StepScalarArgs, float, loss_scale_state)
       .def_readwrite("max_norm", &StepScalarArgs::max_norm)
-      .def_readwrite("loss_scale", &StepScalarArgs::loss_scale);
+      .def_readwrite("loss_scale", &StepScalarArgs::loss_scale)
+      .PE_ADDR_FIELD(StepScalarArgs, float, host_mirror);
 
   py::dict step_slots;
   step_slots["found_inf"] = static_cast<int>(kFoundInf);
   step_slots["sumsq"] = static_cast<int>(kSumsq);
   step_slots["grad_norm"] = static_cast<int>(kGradNorm);
   step_slots["grad_coef"] = static_cast<int>(kGradCoef);
+  step_slots["boundaries"] = static_cast<int>(kBoundaries);
   m.attr("STEP_SLOTS") = step_slots;
   m.attr("STEP_SLOT_COUNT") = static_cast<int>(kStepSlots);
   py::dict ls_slots;
@@ -102,6 +105,7 @@ inline void bind_types(py::module_& m) {
   m.attr("LOSS_SCALE_SLOTS") = ls_slots;
   m.attr("LOSS_SCALE_STATE_SIZE") = kLossScaleStateSize;
   m.attr("REDUCE_CHUNK") = kReduceChunk;
+  m.attr("HYPER_SLOTS") = kHyperSlots;
 }
 
 }  // namespace pyengine::bindings

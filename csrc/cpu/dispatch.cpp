@@ -68,6 +68,11 @@ void fill(void* dst, DType dtype, std::int64_t n, float value, Stream) {
   ops().fill(dst, dtype, n, value);
 }
 
+void set_scalars(float* dst, const float* values, int n, Stream) {
+  if (n < 0 || n > kHyperSlots) throw std::invalid_argument("set_scalars: n must be in [0, 8]");
+  std::memcpy(dst, values, static_cast<size_t>(n) * sizeof(float));
+}
+
 void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, float alpha,
                 Stream) {
   check_n(n, "cast_scale");
@@ -99,7 +104,7 @@ void adam_step(const OptimizerArgs& a, const AdamConfig& cfg, Stream) {
   check_n(a.n, "adam_step");
   kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
   if (pro.skip) return clear_grad(a);  // master, state and step untouched
-  ops().adam_step(a, pro.grad_scale, kernels::adam_coeffs(cfg, pro.next_step));
+  ops().adam_step(a, pro.grad_scale, kernels::adam_coeffs(kernels::hyper_config(cfg, a.hyper), pro.next_step));
   *a.step = pro.next_step;
 }
 
@@ -107,7 +112,7 @@ void sgd_step(const OptimizerArgs& a, const SgdConfig& cfg, Stream) {
   check_n(a.n, "sgd_step");
   kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
   if (pro.skip) return clear_grad(a);
-  ops().sgd_step(a, pro.grad_scale, cfg, pro.next_step == 1.0f);
+  ops().sgd_step(a, pro.grad_scale, kernels::hyper_config(cfg, a.hyper), pro.next_step == 1.0f);
   *a.step = pro.next_step;
 }
 
@@ -135,6 +140,8 @@ void step_scalars(const StepScalarArgs& a, Stream s) {
   }
   clip_coef(sc + kSumsq, inv, a.max_norm, sc + kGradNorm, s);
   update_loss_scale(a.loss_scale_state, sc + kFoundInf, a.loss_scale, s);
+  sc[kBoundaries] += 1.0f;
+  if (a.host_mirror != nullptr) std::memcpy(a.host_mirror, a.loss_scale_state, kLossScaleStateSize * sizeof(float));
 }
 
 void multi_copy(const std::uintptr_t* tensors, const std::int64_t* numels, int count, DType tensor_dtype,

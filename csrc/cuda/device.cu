@@ -16,7 +16,22 @@ __global__ void loss_scale_kernel(float* state, const float* found_inf, LossScal
   kernels::update_loss_scale(state, found_inf ? *found_inf : 0.0f, cfg);
 }
 
+struct Scalars {
+  float v[kHyperSlots];
+};
+__global__ void set_scalars_kernel(float* dst, Scalars values, int n) {
+  if (threadIdx.x < n) dst[threadIdx.x] = values.v[threadIdx.x];
+}
+
 }  // namespace
+
+void set_scalars(float* dst, const float* values, int n, Stream s) {
+  if (n < 0 || n > kHyperSlots) throw std::invalid_argument("set_scalars: n must be in [0, 8]");
+  Scalars v{};
+  for (int i = 0; i < n; ++i) v.v[i] = values[i];
+  set_scalars_kernel<<<1, kHyperSlots, 0, as_stream(s)>>>(dst, v, n);
+  check_launch("set_scalars");
+}
 
 void update_loss_scale(float* state, const float* found_inf, const LossScaleConfig& cfg, Stream s) {
   loss_scale_kernel<<<1, 1, 0, as_stream(s)>>>(state, found_inf, cfg);

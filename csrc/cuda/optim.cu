@@ -35,7 +35,7 @@ template <class G, class M> struct AdamOp {
     k::OptimizerPrologue pro = k::optimizer_prologue(a);
     skipped = pro.skip;
     if (skipped) return a.zero_grad;
-    elem = {k::adam_coeffs(cfg, pro.next_step), pro.grad_scale};
+    elem = {k::adam_coeffs(k::hyper_config(cfg, a.hyper), pro.next_step), pro.grad_scale};
     return true;
   }
   template <int W> __device__ void apply(std::int64_t i) const {
@@ -65,7 +65,7 @@ template <class G, class M, bool Momentum> struct SgdOp {
     k::OptimizerPrologue pro = k::optimizer_prologue(a);
     skipped = pro.skip;
     if (skipped) return a.zero_grad;
-    elem = {cfg, pro.next_step == 1.0f, pro.grad_scale};
+    elem = {k::hyper_config(cfg, a.hyper), pro.next_step == 1.0f, pro.grad_scale};
     return true;
   }
   template <int W> __device__ void apply(std::int64_t i) const {

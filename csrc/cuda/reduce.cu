@@ -103,7 +103,7 @@ __global__ void clear_flag_and_sumsq(float* scalars) {
 
 // One thread: fold the bucket rows (if any) in row order, clip, update the loss scale.
 __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float* sc, const float* inv_scale,
-                                  float* ls, float max_norm, LossScaleConfig cfg) {
+                                  float* ls, float max_norm, LossScaleConfig cfg, float* host_mirror) {
   if (rows != nullptr) {
     double sum = 0.0;
     float flag = 0.0f;
@@ -117,6 +117,10 @@ __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float
   }
   k::clip_coefficient(sc[kSumsq], inv_scale ? *inv_scale : 1.0f, max_norm, sc + kGradNorm);
   k::update_loss_scale(ls, sc[kFoundInf], cfg);
+  sc[kBoundaries] += 1.0f;
+  if (host_mirror != nullptr) {  // pinned host memory, written through the unified address space
+    for (int i = 0; i < kLossScaleStateSize; ++i) host_mirror[i] = ls[i];
+  }
 }
 
 }  // namespace
@@ -149,7 +153,7 @@ void step_scalars(const StepScalarArgs& a, Stream s) {
                         a.scalars + kSumsq, a.workspace, s);
   }
   step_scalars_tail<<<1, 1, 0, as_stream(s)>>>(a.bucket_rows, a.buckets, a.scalars, a.inv_scale, a.loss_scale_state,
-                                               a.max_norm, a.loss_scale);
+                                               a.max_norm, a.loss_scale, a.host_mirror);
   check_launch("step_scalars");
 }
 

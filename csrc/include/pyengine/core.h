@@ -31,6 +31,12 @@ struct SgdConfig {
   bool nesterov = false;
 };
 
+// Note: the float fields of AdamConfig (lr, beta1, beta2, eps, weight_decay) and of SgdConfig
+// (lr, momentum, dampening, weight_decay) may also come from device memory, in that order
+// (OptimizerArgs::hyper): a captured CUDA graph then follows an LR schedule, since the
+// values are read when the kernel runs, not when it was launched.
+constexpr int kHyperSlots = 8;  // floats reserved per param group for them
+
 // Dynamic loss scaling, DeepSpeed semantics (see kernels/loss_scale.h).
 struct LossScaleConfig {
   float growth_factor = 2.0f, backoff_factor = 0.5f, min_scale = 1.0f, max_scale = 16777216.0f;
@@ -57,6 +63,7 @@ struct OptimizerArgs {
   const float* grad_scale = nullptr;  // device: 1/loss_scale x clip coefficient
   const float* found_inf = nullptr;   // device: a nonzero value skips the whole update
   float* step = nullptr;              // device: updates taken so far by this range's group
+  const float* hyper = nullptr;       // device: the config's float fields, in place of the config's
 };
 
 // The scalar work of one boundary step, in one call (see step_scalars below).
@@ -74,16 +81,18 @@ struct StepScalarArgs {
   float* loss_scale_state = nullptr;   // kLossScaleStateSize floats, updated last
   float max_norm = 0.0f;              // <= 0 or inf: no clipping
   LossScaleConfig loss_scale;
+  float* host_mirror = nullptr;       // pinned host memory: receives the loss-scale state (GPU)
 };
 
 // The engine's per-step device scalars live in one float32 array; these are its slots,
 // exported to Python by the bindings so the numbers are written once.
 enum StepSlot : int {
-  kFoundInf = 0,   // nonzero: some gradient is inf/NaN, the update is skipped
-  kSumsq = 1,      // sum of squares of the unscaled gradients
-  kGradNorm = 2,   // sqrt(sumsq), written by clip_coef (out[0])
-  kGradCoef = 3,   // 1/loss_scale x clip coefficient, written by clip_coef (out[1])
-  kStepSlots = 4,
+  kFoundInf = 0,    // nonzero: some gradient is inf/NaN, the update is skipped
+  kSumsq = 1,       // sum of squares of the unscaled gradients
+  kGradNorm = 2,    // sqrt(sumsq), written by clip_coef (out[0])
+  kGradCoef = 3,    // 1/loss_scale x clip coefficient, written by clip_coef (out[1])
+  kBoundaries = 4,  // boundary steps taken (applied or skipped), counted by step_scalars
+  kStepSlots = 8,   // (the rest reserved)
 };
 
 // Layout of the loss-scale state array (float32 x kLossScaleStateSize, device-resident).
@@ -107,6 +116,8 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
                   Stream stream);                                                             \
   /* dst[0..n) = value */                                                                     \
   void fill(void* dst, DType dtype, std::int64_t n, float value, Stream stream);               \
+  /* dst_dev[0..n) = values (host, n <= kHyperSlots), queued on the stream */                 \
+  void set_scalars(float* dst_dev, const float* values, int n, Stream stream);                \
   /* dst = alpha * src, any dtype to any dtype */                                            \
   void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype,               \
                   std::int64_t n, float alpha, Stream stream);                                \
