@@ -1,4 +1,5 @@
-// CUDA drivers: accumulate, cast_scale and the multi-tensor flatten/unflatten.
+// CUDA drivers: accumulate, fill, cast_scale (on launch.cuh's elementwise driver) and the
+// multi-tensor flatten/unflatten.
 #include <algorithm>
 #include <vector>
 
@@ -9,47 +10,6 @@ namespace pyengine::cuda {
 namespace {
 
 namespace k = pyengine::kernels;
-
-template <class S> struct AccumulateOp {
-  float* dst;
-  const S* src;
-  float alpha;
-  __device__ bool prepare() const { return true; }
-  template <int W> __device__ void apply(std::int64_t i) const {
-    float d[W], s[W];
-    load<W>(dst, i, d);
-    load<W>(src, i, s);
-#pragma unroll
-    for (int j = 0; j < W; ++j) d[j] = k::accumulate_value(d[j], s[j], alpha);
-    store<W>(dst, i, d);
-  }
-};
-
-template <class D> struct FillOp {
-  D* dst;
-  k::FillElem elem;
-  __device__ bool prepare() const { return true; }
-  template <int W> __device__ void apply(std::int64_t i) const {
-    float x[W];
-#pragma unroll
-    for (int j = 0; j < W; ++j) elem(x[j]);
-    store<W>(dst, i, x);
-  }
-};
-
-template <class S, class D> struct CastOp {
-  D* dst;
-  const S* src;
-  float alpha;
-  __device__ bool prepare() const { return true; }
-  template <int W> __device__ void apply(std::int64_t i) const {
-    float x[W];
-    load<W>(src, i, x);
-#pragma unroll
-    for (int j = 0; j < W; ++j) x[j] = k::scale_value(x[j], alpha);
-    store<W>(dst, i, x);
-  }
-};
 
 // Note: one launch moves up to kMaxTensors tensors; the host cuts them into tiles of
 // kTile elements and block b copies tile b, so no thread searches for its tensor.
@@ -103,15 +63,14 @@ __global__ void multi_copy_kernel(const __grid_constant__ MultiCopyArgs a, F* fl
 void accumulate(float* dst, const void* src, DType src_dtype, std::int64_t n, float alpha, Stream s) {
   with_dtype(src_dtype, [&](auto tag) {
     using S = decltype(tag);
-    bool vec = aligned(dst, 4) && aligned(src, sizeof(S));
-    launch_elementwise(AccumulateOp<S>{dst, static_cast<const S*>(src), alpha}, n, vec, s, "accumulate");
+    launch_elementwise(Always<k::AccumulateElem>{{alpha}}, n, s, "accumulate", inout(dst), in(static_cast<const S*>(src)));
   });
 }
 
 void fill(void* dst, DType dtype, std::int64_t n, float value, Stream s) {
   with_dtype(dtype, [&](auto tag) {
     using D = decltype(tag);
-    launch_elementwise(FillOp<D>{static_cast<D*>(dst), {value}}, n, aligned(dst, sizeof(D)), s, "fill");
+    launch_elementwise(Always<k::FillElem>{{value}}, n, s, "fill", out(static_cast<D*>(dst)));
   });
 }
 
@@ -121,9 +80,8 @@ void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, st
     with_dtype(dst_dtype, [&](auto dtag) {
       using S = decltype(stag);
       using D = decltype(dtag);
-      bool vec = aligned(dst, sizeof(D)) && aligned(src, sizeof(S));
-      launch_elementwise(CastOp<S, D>{static_cast<D*>(dst), static_cast<const S*>(src), alpha}, n, vec, s,
-                         "cast_scale");
+      launch_elementwise(Always<k::ScaleElem>{{alpha}}, n, s, "cast_scale", out(static_cast<D*>(dst)),
+                         in(static_cast<const S*>(src)));
     });
   });
 }

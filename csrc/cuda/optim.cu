@@ -16,71 +16,31 @@ namespace {
 
 namespace k = pyengine::kernels;
 
-// Note: every load of an element group is issued before any store. Clearing the gradient
-// (a store to one array) ahead of the master/state loads made each thread wait for its
-// store before it could load again: the loads in flight per thread dropped and the pass
-// with zero_grad ran at a third of the bandwidth of the pass without it.
-template <int W, class G> __device__ __forceinline__ void clear(G* g, std::int64_t i) {
-  float z[W] = {};
-  store<W>(g, i, z);
-}
-
-// A skipped step (found_inf set) only clears the gradient, when asked to.
-template <class G, class M> struct AdamOp {
+// The per-thread prologue of an optimizer pass (kernels/prologue.h): skip on the device flag
+// (then only the gradient is cleared, if asked), else the functor with this step's coefficients.
+template <class Elem, class Make> struct StepPrologue {
   OptimizerArgs a;
-  AdamConfig cfg;
-  k::AdamElem elem;
-  bool skipped;
-  __device__ bool prepare() {
+  Make make;
+  __device__ Plan<Elem> operator()() const {
     k::OptimizerPrologue pro = k::optimizer_prologue(a);
-    skipped = pro.skip;
-    if (skipped) return a.zero_grad;
-    elem = {k::adam_coeffs(k::hyper_config(cfg, a.hyper), pro.next_step), pro.grad_scale};
-    return true;
-  }
-  template <int W> __device__ void apply(std::int64_t i) const {
-    G* g = static_cast<G*>(a.grad);
-    if (skipped) return clear<W>(g, i);
-    float pp[W], mm[W], vv[W], gg[W], out[W];
-    load<W>(g, i, gg);
-    load<W>(a.master, i, pp);
-    load<W>(a.state1, i, mm);
-    load<W>(a.state2, i, vv);
-#pragma unroll
-    for (int j = 0; j < W; ++j) elem(pp[j], mm[j], vv[j], gg[j], out[j]);
-    if (a.zero_grad) clear<W>(g, i);
-    store<W>(a.master, i, pp);
-    store<W>(a.state1, i, mm);
-    store<W>(a.state2, i, vv);
-    store<W>(static_cast<M*>(a.model), i, out);
+    if (pro.skip) return {false, a.zero_grad, Elem{}};
+    return {true, false, make(pro)};
   }
 };
 
-template <class G, class M, bool Momentum> struct SgdOp {
-  OptimizerArgs a;
-  SgdConfig cfg;
-  k::SgdElem<Momentum> elem;
-  bool skipped;
-  __device__ bool prepare() {
-    k::OptimizerPrologue pro = k::optimizer_prologue(a);
-    skipped = pro.skip;
-    if (skipped) return a.zero_grad;
-    elem = {k::hyper_config(cfg, a.hyper), pro.next_step == 1.0f, pro.grad_scale};
-    return true;
+struct MakeAdam {
+  AdamConfig cfg;
+  const float* hyper;
+  __device__ k::AdamElem operator()(const k::OptimizerPrologue& pro) const {
+    return {k::adam_coeffs(k::hyper_config(cfg, hyper), pro.next_step), pro.grad_scale};
   }
-  template <int W> __device__ void apply(std::int64_t i) const {
-    G* g = static_cast<G*>(a.grad);
-    if (skipped) return clear<W>(g, i);
-    float pp[W], bb[W] = {}, gg[W], out[W];
-    load<W>(g, i, gg);
-    load<W>(a.master, i, pp);
-    if constexpr (Momentum) load<W>(a.state1, i, bb);
-#pragma unroll
-    for (int j = 0; j < W; ++j) elem(pp[j], bb[j], gg[j], out[j]);
-    if (a.zero_grad) clear<W>(g, i);
-    store<W>(a.master, i, pp);
-    if constexpr (Momentum) store<W>(a.state1, i, bb);
-    store<W>(static_cast<M*>(a.model), i, out);
+};
+
+template <bool Momentum> struct MakeSgd {
+  SgdConfig cfg;
+  const float* hyper;
+  __device__ k::SgdElem<Momentum> operator()(const k::OptimizerPrologue& pro) const {
+    return {k::hyper_config(cfg, hyper), pro.next_step == 1.0f, pro.grad_scale};
   }
 };
 
@@ -93,20 +53,24 @@ void finish(const OptimizerArgs& a, Stream s, const char* op) {
   check_launch(op);
 }
 
-template <class G, class M> bool vector_ok(const OptimizerArgs& a) {
-  return aligned(a.master, 4) && (a.state1 == nullptr || aligned(a.state1, 4)) &&
-         (a.state2 == nullptr || aligned(a.state2, 4)) && aligned(a.grad, sizeof(G)) &&
-         (a.model == nullptr || aligned(a.model, sizeof(M)));
+// The gradient array of a pass: cleared in the same pass when asked.
+template <class G, class F> void with_grad(const OptimizerArgs& a, F&& f) {
+  if (a.zero_grad) f(in_zero(static_cast<G*>(a.grad)));
+  else f(in(static_cast<const G*>(a.grad)));
 }
 
 }  // namespace
 
 void adam_step(const OptimizerArgs& a, const AdamConfig& cfg, Stream s) {
   with_dtype(a.grad_dtype, [&](auto gtag) {
-    with_model_dtype(a.model, a.model_dtype, [&](auto mtag) {
+    with_optional_dtype(a.model, a.model_dtype, [&](auto mtag) {
       using G = decltype(gtag);
       using M = decltype(mtag);
-      launch_elementwise(AdamOp<G, M>{a, cfg, {}, false}, a.n, vector_ok<G, M>(a), s, "adam_step");
+      with_grad<G>(a, [&](auto grad) {
+        StepPrologue<k::AdamElem, MakeAdam> pro{a, {cfg, a.hyper}};
+        launch_elementwise(pro, a.n, s, "adam_step", inout(a.master), inout(a.state1), inout(a.state2), grad,
+                           optional_out<M>(a.model));
+      });
     });
   });
   finish(a, s, "adam_step");
@@ -114,13 +78,18 @@ void adam_step(const OptimizerArgs& a, const AdamConfig& cfg, Stream s) {
 
 void sgd_step(const OptimizerArgs& a, const SgdConfig& cfg, Stream s) {
   with_dtype(a.grad_dtype, [&](auto gtag) {
-    with_model_dtype(a.model, a.model_dtype, [&](auto mtag) {
+    with_optional_dtype(a.model, a.model_dtype, [&](auto mtag) {
       using G = decltype(gtag);
       using M = decltype(mtag);
-      if (a.state1 != nullptr)
-        launch_elementwise(SgdOp<G, M, true>{a, cfg, {}, false}, a.n, vector_ok<G, M>(a), s, "sgd_step");
-      else
-        launch_elementwise(SgdOp<G, M, false>{a, cfg, {}, false}, a.n, vector_ok<G, M>(a), s, "sgd_step");
+      with_grad<G>(a, [&](auto grad) {
+        if (a.state1 != nullptr) {
+          StepPrologue<k::SgdElem<true>, MakeSgd<true>> pro{a, {cfg, a.hyper}};
+          launch_elementwise(pro, a.n, s, "sgd_step", inout(a.master), inout(a.state1), grad, optional_out<M>(a.model));
+        } else {
+          StepPrologue<k::SgdElem<false>, MakeSgd<false>> pro{a, {cfg, a.hyper}};
+          launch_elementwise(pro, a.n, s, "sgd_step", inout(a.master), none(), grad, optional_out<M>(a.model));
+        }
+      });
     });
   });
   finish(a, s, "sgd_step");

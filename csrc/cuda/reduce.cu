@@ -63,7 +63,7 @@ __global__ void sumsq_stage1(const S* src, D* dst, std::int64_t n, std::int64_t 
         x[j] *= inv;
         acc.add(x[j]);
       }
-      if constexpr (!std::is_same_v<D, NoModel>) {
+      if constexpr (!std::is_same_v<D, NoArray>) {
         if (vec && i + kVec <= n) {
           store<kVec>(dst, i, x);
         } else {
@@ -132,7 +132,7 @@ void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_
   auto* partials = reinterpret_cast<k::SumsqAcc*>(workspace);
   std::int64_t chunks = reduce_partials(n);
   with_dtype(src_dtype, [&](auto stag) {
-    with_model_dtype(dst, dst_dtype, [&](auto dtag) {
+    with_optional_dtype(dst, dst_dtype, [&](auto dtag) {
       using S = decltype(stag);
       using D = decltype(dtag);
       bool vec = aligned(src, sizeof(S)) && (dst == nullptr || aligned(dst, sizeof(D)));
