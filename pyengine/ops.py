@@ -8,15 +8,16 @@ and nothing here synchronizes with the host. Device-resident scalars (`found_inf
 the same device as the data.
 """
 import math
+from operator import attrgetter, methodcaller
 
 from . import _native
 from ._checks import check_number
-from ._arrays import DTYPE_NAMES, F32, ArrayView, view
+from ._arrays import DTYPE_NAMES, F32, ArrayView, _torch_dtype_code, view
 
 __all__ = [
     "accumulate_", "fill_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",
     "sgd_step", "update_loss_scale", "new_loss_scale_state", "flatten", "unflatten",
-    "sumsq_workspace", "LOSS_SCALE_STATE_SIZE",
+    "sumsq_workspace", "FlatCopy", "LOSS_SCALE_STATE_SIZE",
 ]
 
 LOSS_SCALE_STATE_SIZE = _native._C.LOSS_SCALE_STATE_SIZE
@@ -363,26 +364,113 @@ def loss_scale_config(mod, growth_factor, backoff_factor, min_scale, max_scale, 
 
 
 def _multi(tensors, flat, alpha, to_flat):
-    if isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
-        raise TypeError("tensors: expected a list of arrays")
-    f = _arr(flat, "flat", writable=to_flat)
-    views = [_arr(t, f"tensors[{i}]", writable=not to_flat) for i, t in enumerate(tensors)]
-    a = _float(alpha, "alpha")
-    if views:
-        _same_device([f, *views])
-        dt = views[0].dtype
-        for v in views:
-            if v.dtype != dt:
-                raise TypeError(f"{v.name}: all tensors must share one dtype ({DTYPE_NAMES[dt]}), got {DTYPE_NAMES[v.dtype]}")
-    total = sum(v.numel for v in views)
-    if total != f.numel:
-        raise ValueError(f"flat has {f.numel} elements but the tensors hold {total}")
-    _no_overlap([f, *views])
-    if total == 0:
-        return
-    with _Launch(f) as L:
-        L.mod.multi_copy([v.ptr for v in views], [v.numel for v in views], views[0].dtype, f.ptr, f.dtype, a,
-                         to_flat, L.stream)
+    copy = FlatCopy(tensors, flat, alpha, _writes_tensors=not to_flat)
+    if to_flat:
+        copy.flatten()
+    else:
+        copy.unflatten()
+
+
+class FlatCopy:
+    """flatten / unflatten of one list of tensors and one flat buffer, checked once.
+
+    ops.flatten checks its arguments on every call (about 1 us a tensor); a training loop
+    that copies the same tensors every step checks them once here and then pays one native
+    call. The tensors must keep their storage (no resize, no .data = ...) while it is used.
+    """
+
+    def __init__(self, tensors, flat, alpha=1.0, _writes_tensors=True):
+        if isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
+            raise TypeError("tensors: expected a list of arrays")
+        tensors = list(tensors)
+        f = _arr(flat, "flat", writable=True)
+        a = _float(alpha, "alpha")
+        fast = _torch_list(tensors, f) if f.kind == "torch" else None
+        if fast is not None:
+            ptrs, numels, dt, nbytes = fast
+        else:
+            views = [_arr(t, f"tensors[{i}]", writable=_writes_tensors) for i, t in enumerate(tensors)]
+            if views:
+                _same_device([f, *views])
+                for v in views:
+                    if v.dtype != views[0].dtype:
+                        raise TypeError(f"{v.name}: all tensors must share one dtype ({DTYPE_NAMES[views[0].dtype]}), "
+                                        f"got {DTYPE_NAMES[v.dtype]}")
+            ptrs, numels, nbytes = [v.ptr for v in views], [v.numel for v in views], [v.nbytes for v in views]
+            dt = views[0].dtype if views else f.dtype
+        total = sum(numels)
+        if total != f.numel:
+            raise ValueError(f"flat has {f.numel} elements but the tensors hold {total}")
+        _no_overlap_ranges(f, ptrs, nbytes, tensors_written=_writes_tensors)
+        self._args = (ptrs, numels, dt, f.ptr, f.dtype, a)
+        self._flat, self._tensors, self._total = f, tensors, total  # keep them alive
+
+    def flatten(self):
+        """flat = concat(alpha * t for t in tensors), cast to flat's dtype, in one launch."""
+        self._run(True)
+        return self._flat.obj
+
+    def unflatten(self):
+        """Scatters alpha * flat back into the tensors (cast to their dtype), in one launch."""
+        self._run(False)
+        return self._tensors
+
+    def _run(self, to_flat):
+        if self._total == 0:
+            return
+        ptrs, numels, dt, fptr, fdt, a = self._args
+        with _Launch(self._flat) as L:
+            L.mod.multi_copy(ptrs, numels, dt, fptr, fdt, a, to_flat, L.stream)
+
+
+# Note: flatten/unflatten take many tensors at a time, so for a list of torch tensors the
+# checks run in bulk, as map() chains over C-level getters (about 1 us a tensor where one
+# ArrayView each cost 5): the host cost, not the copy, decides a flatten of small tensors.
+_dtype_of, _device_of = attrgetter("dtype"), attrgetter("device")
+_ptr_of, _numel_of = methodcaller("data_ptr"), methodcaller("numel")
+_contiguous, _elem_size = methodcaller("is_contiguous"), methodcaller("element_size")
+
+
+def _torch_list(tensors, f):
+    """(ptrs, numels, dtype code, nbytes) of a list of torch tensors on flat's device, checked;
+    None when the list holds anything else (the per-array path then checks and names it)."""
+    import torch
+
+    if not all(map(torch.is_tensor, tensors)):
+        return None
+    if not tensors:
+        return [], [], f.dtype, []
+    dtypes = set(map(_dtype_of, tensors))
+    if len(dtypes) > 1:
+        first = tensors[0].dtype
+        i = next(k for k, t in enumerate(tensors) if t.dtype != first)
+        raise TypeError(f"tensors[{i}]: all tensors must share one dtype ({first}), got {tensors[i].dtype}")
+    code = _torch_dtype_code(tensors[0])
+    if code is None:
+        raise TypeError(f"tensors[0]: expected a float32, float16 or bfloat16 tensor, got {tensors[0].dtype}")
+    if set(map(_device_of, tensors)) != {f.obj.device}:
+        i = next(k for k, t in enumerate(tensors) if t.device != f.obj.device)
+        raise ValueError(f"tensors[{i}] is on {tensors[i].device} but flat is on {f.obj.device}; all arguments must "
+                         "be on the same device")
+    if not all(map(_contiguous, tensors)):
+        i = next(k for k, t in enumerate(tensors) if not t.is_contiguous())
+        raise ValueError(f"tensors[{i}]: expected a contiguous tensor (call .contiguous() first)")
+    numels = list(map(_numel_of, tensors))
+    size = tensors[0].element_size()
+    return list(map(_ptr_of, tensors)), numels, code, [n * size for n in numels]
+
+
+def _no_overlap_ranges(f, ptrs, nbytes, tensors_written):
+    """flat must not overlap any tensor; written tensors must not overlap one another."""
+    lo, hi = f.ptr, f.ptr + f.nbytes
+    if f.nbytes and any(p < hi and p + n > lo for p, n in zip(ptrs, nbytes) if n):
+        raise ValueError("flat and tensors overlap in memory; pass separate buffers")
+    if tensors_written:
+        reach = 0
+        for p, n in sorted((p, n) for p, n in zip(ptrs, nbytes) if n):
+            if p < reach:
+                raise ValueError("two of the tensors overlap in memory; pass separate buffers")
+            reach = max(reach, p + n)
 
 
 def flatten(tensors, flat, alpha=1.0):

@@ -99,3 +99,23 @@ def test_fill(n, dtype):
     assert bool((x == -2.5).all())
     with pytest.raises(ValueError, match="value: must not be NaN"):
         ops.fill_(x, float("nan"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flat_copy_checked_once_then_reused(dtype):
+    parts = [unaligned(n, dtype, n % 3) for n in (0, 1, 4097, 33)]
+    flat = torch.empty(sum(p.numel() for p in parts), dtype=torch.float32)
+    copy = ops.FlatCopy(parts, flat, alpha=0.5)
+    copy.flatten()
+    assert torch.equal(flat, torch.cat([p.float() * 0.5 for p in parts]))  # one product, exact for 0.5
+    for p in parts:
+        p.zero_()
+    copy.unflatten()
+    assert torch.equal(torch.cat([p.float() for p in parts]), (flat * 0.5).to(dtype).float())
+    with pytest.raises(ValueError, match="flat and tensors overlap"):
+        ops.FlatCopy([flat[:4]], flat[2:6])
+    with pytest.raises(ValueError, match="two of the tensors overlap"):
+        base = torch.zeros(8)
+        ops.FlatCopy([base[0:4], base[2:6]], torch.zeros(8)).unflatten()
+    with pytest.raises(TypeError, match=r"tensors\[1\]: all tensors must share one dtype"):
+        ops.FlatCopy([torch.zeros(2), torch.zeros(2, dtype=torch.float16)], torch.zeros(4))

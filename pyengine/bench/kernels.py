@@ -9,6 +9,7 @@ ceiling applies ("% peak" = time those bytes need at the ceilings / measured tim
   adamw       fp32 master/m/v         r 12 + grad s, w 12 (+ model 2)   update
   sgd momentum                        r 8 + grad s, w 8                 update
   flatten     100 tensors -> flat     r s, w d                          copy
+              (ops.flatten checks its arguments every call; ops.FlatCopy once)
   full step   norm pass + AdamW pass  4 read + 28 update = 32 (PyTorch's sequence: 48)
 """
 import torch
@@ -36,6 +37,11 @@ def _cases(n, dev, half, with_fp32):
            lambda: ops.cast_scale(src32, outh, 0.5), lambda: outh.copy_(src32.mul(0.5)))
 
     def torch_unscale_norm(g):
+        # Note: torch has no CUDA bf16 _amp_foreach_non_finite_check_and_unscale_ (GradScaler
+        # is fp16's); bf16 is then held against the norm and a finiteness test of the product
+        if g.dtype == torch.bfloat16 and g.is_cuda:
+            y = g * inv
+            return torch._foreach_norm([y]), torch.isfinite(y).all()
         torch._amp_foreach_non_finite_check_and_unscale_([g], flag, inv)
         return torch._foreach_norm([g])
 
@@ -68,6 +74,8 @@ def _cases(n, dev, half, with_fp32):
     parts = list(torch.randn(n, device=dev).split((n + 99) // 100))
     flat = torch.empty(n, device=dev)
     yield ("flatten", "100 x fp32", {"copy": n * 8}, lambda: ops.flatten(parts, flat), lambda: torch.cat(parts, out=flat))
+    prepared = ops.FlatCopy(parts, flat)
+    yield ("flatten (FlatCopy)", "100 x fp32", {"copy": n * 8}, prepared.flatten, lambda: torch.cat(parts, out=flat))
 
 
 def full_step_case(n, dev, tensors=100):
