@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU check, for a lent machine: build with CUDA, CUDA tests (+ compute-sanitizer
-# memcheck where it works), kernel/step/allreduce benchmarks. Ends within ~8 minutes on one
-# GPU; everything lands under $OUT (default ./gpu_check_out).
+# One prepared GPU check, for a lent machine, in about 6 minutes: build with CUDA, the CUDA
+# tests (CUDA-graph cases in processes of their own), compute-sanitizer memcheck on the op
+# tests, then the kernel, step, overhead and model benchmarks. Everything lands under $OUT
+# (default ./gpu_check_out): the log and the benchmarks' JSON files.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -15,13 +16,16 @@ t0=$SECONDS
 python3 -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
 echo "== build $((SECONDS - t0)) s"
 python3 -c "import pyengine, json; print(json.dumps(pyengine.build_info()))"
-timeout 240 python3 -m pytest -q -x -m cuda tests/ 2>&1 | tail -25
+python3 -c "import pytest_xdist" 2>/dev/null && PAR="-n 4" || PAR=""
+timeout 240 python3 -m pytest -q $PAR -m cuda tests/ -p no:cacheprovider 2>&1 | tail -30
 echo "== cuda tests done at $((SECONDS - t0)) s"
 if command -v compute-sanitizer >/dev/null; then
   timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m cuda \
-    tests/test_cuda_ops.py -k "matches_cpu and not 16777219" 2>&1 | tail -8
+    tests/test_cuda_ops.py -k "matches_cpu and not 16777219" -p no:cacheprovider 2>&1 | tail -8
   echo "== memcheck rc=$? at $((SECONDS - t0)) s"
 fi
-timeout 120 python3 -m pyengine.bench kernels --device cuda --out "$OUT"
-timeout 90 python3 -m pyengine.bench step --device cuda --out "$OUT"
+timeout 60 python3 -m pyengine.bench kernels --device cuda --out "$OUT"
+timeout 40 python3 -m pyengine.bench step --device cuda --out "$OUT"
+timeout 40 python3 -m pyengine.bench overhead --device cuda --out "$OUT"
+timeout 150 python3 -m pyengine.bench models --device cuda --out "$OUT"
 echo "== done in $((SECONDS - t0)) s"

@@ -8,7 +8,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("which,extra", [("kernels", []), ("step", []), ("overhead", []), ("allreduce", ["--nproc", "2"]),
+@pytest.mark.parametrize("which,extra", [("kernels", []), ("step", []), ("overhead", []), ("models", []),
+                                         ("allreduce", ["--nproc", "2"]),
                                          ("ddp", ["--nproc", "2"])])
 def test_bench_runs(which, extra, tmp_path):
     res = subprocess.run([sys.executable, "-m", "pyengine.bench", which, "--quick", "--out", str(tmp_path), *extra],

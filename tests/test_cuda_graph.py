@@ -35,7 +35,7 @@ def _graph_vs_eager(rank, world, precision):
         x.copy_(data[0][0])
         y.copy_(data[0][1])
 
-        def step_fn():
+        def step_fn(m=m, e=e, x=x, y=y, scale_in=scale_in):
             loss = torch.nn.functional.mse_loss(m(x).float(), y.float()) * scale_in
             e.backward(loss)
             return loss
@@ -71,3 +71,32 @@ def test_replay_equals_eager_bitwise(precision):
     assert graph["trace"] == eager["trace"]
     assert graph["trace"][5][0] is False, "the injected overflow is skipped in the graph too"
     assert (graph["skipped"], graph["global"], graph["boundaries"]) == (eager["skipped"], eager["global"], 15)
+
+
+def test_main_job_with_cuda_graph_trains_as_eager(tmp_path):
+    """--cuda-graph replays captured steps; the weights end bitwise as the eager run's."""
+    import subprocess
+    import sys
+
+    from pyengine.checkpoint import read_file
+    from pyengine.train.checkpoints import latest_checkpoint
+
+    args = ["--model", "tiny", "--batch-size", "4", "--max-data-mb", "0.5", "--eval-batches", "2", "--steps", "8",
+            "--device", "cuda", "--nproc", "1", "--precision", "bf16"]
+    for name, extra in (("eager", []), ("graph", ["--cuda-graph"])):
+        res = subprocess.run([sys.executable, "-m", "pyengine.train", *args, *extra, "--out", str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (read_file(latest_checkpoint(tmp_path / n)) for n in ("eager", "graph"))
+    assert a["boundaries"] == b["boundaries"] == 8
+    for x, y in zip(a["master"], b["master"]):
+        assert torch.equal(x, y)
+
+
+def test_the_main_job_fills_the_gpu_by_default():
+    from pyengine.train.cli import build_parser, resolve
+
+    p = build_parser()
+    args = resolve(p.parse_args(["--device", "cuda"]), p, ["--device", "cuda"])
+    assert args.model == "gpt2" and args.seq_len == 1024 and args.precision == "bf16"
+    assert 1 <= args.batch_size <= 64

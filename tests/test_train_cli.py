@@ -89,6 +89,7 @@ def test_interrupt_then_resume_is_bitwise(tmp_path):
     (["--data", "/no/such/path"], "no such file"),
     (["--batch-size", "x"], "--batch-size"),
     (["--lr", "-1"], "--lr"),
+    (["--cuda-graph", "--device", "cpu"], "--cuda-graph: needs --device cuda"),
 ])
 def test_bad_flags_exit_2(args, message):
     res = cli(*args)
@@ -106,7 +107,7 @@ def test_help_documents_every_flag():
     assert res.returncode == 0
     for flag in ("--steps", "--model", "--batch-size", "--seq-len", "--grad-accum", "--precision", "--comm-dtype",
                  "--lr", "--data", "--out", "--resume", "--seed", "--baseline", "--trace", "--nproc",
-                 "--keep-checkpoints", "--comm-timeout"):
+                 "--keep-checkpoints", "--comm-timeout", "--cuda-graph"):
         assert flag in res.stdout
 
 

@@ -1,4 +1,4 @@
-"""python -m pyengine.bench {kernels,step,overhead,allreduce,ddp} [options]"""
+"""python -m pyengine.bench {kernels,step,overhead,models,allreduce,ddp} [options]"""
 import argparse
 import sys
 
@@ -10,6 +10,7 @@ def main(argv=None):
         ("kernels", "each fused kernel against its PyTorch equivalent, with % of streaming bandwidth"),
         ("step", "engine.step() against GradScaler.unscale_ + clip_grad_norm_ + fused AdamW"),
         ("overhead", "host cost: a 48-tensor toy model against torch's loop, engine.step() host time, op calls"),
+        ("models", "GPT-2 124M-1.5B training steps against PyTorch AMP: tokens/s, TFLOP/s, MFU, peak memory"),
         ("allreduce", "nccl-tests style allreduce table for each available backend"),
         ("ddp", "the engine against torch DDP, side by side on several ranks"),
     ]:
@@ -24,6 +25,10 @@ def main(argv=None):
                            help="a pyengine-train preset (e.g. small, the main job's default) instead of the "
                                 "overhead-bound 19M-parameter GPT with one 32-token sequence per rank")
             p.add_argument("--batch-size", type=int, default=None, help="sequences per rank (with --model: 16)")
+        if name == "models":
+            p.add_argument("--models", default=None, help="comma-separated shapes (default: 124M,350M,774M,1.5B "
+                           "on a GPU; a tiny one on the CPU)")
+            p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: per shape)")
     args = parser.parse_args(argv)
     import importlib
 

@@ -5,6 +5,7 @@ Three measurements, each side by side in one run:
               (forward, backward, step) of the engine against torch's own loop (zero_grad,
               backward, clip_grad_norm_(foreach), AdamW(fused)); on CUDA both in bf16
               (torch: autocast), on the CPU both in fp32 (bf16 autocast is ~15x slower there).
+              On CUDA also the engine's step captured in a CUDA graph (Engine.capture).
   step host   engine.step() on 100 tensors x 64 elements, where the kernels cost nothing and
               the time is the engine's own; each step follows a backward of one tensor, so the
               step does its full work (checks, norm, clip, every group's pass, loss scale).
@@ -52,10 +53,27 @@ def toy_model(device, iters):
         torch.nn.utils.clip_grad_norm_(m2.parameters(), 1.0, foreach=True)
         opt.step()
 
-    a, b = side_by_side([ours, theirs], device, repeats=iters, warmup=20)
+    fns = [ours, theirs]
+    if cuda:  # the same step captured in a CUDA graph (pyengine/graph.py)
+        m3 = _toy(device)
+        e3 = Engine(m3, EngineConfig(precision=precision, lr=1e-3, clip_grad_norm=1.0))
+        xs = x.to(dt)
+
+        def step_fn():
+            loss = torch.nn.functional.mse_loss(m3(xs).float(), y)
+            e3.backward(loss)
+            return loss
+
+        graph = e3.capture(step_fn)
+        fns.append(graph.replay)
+    times = side_by_side(fns, device, repeats=iters, warmup=20)
     engine.close()
-    return {"case": "toy model iteration", "precision": precision, "tensors": 48, "engine_us": a * 1e6,
-            "torch_us": b * 1e6, "speedup": b / a}
+    a, b = times[0], times[1]
+    row = {"case": "toy model iteration", "precision": precision, "tensors": 48, "engine_us": a * 1e6,
+           "torch_us": b * 1e6, "speedup": b / a}
+    if cuda:
+        row.update(graph_us=times[2] * 1e6, graph_speedup=b / times[2])
+    return row
 
 
 class _Slab(torch.nn.Module):
@@ -134,9 +152,11 @@ def run(args):
         rows.append(step_host(dev, precision, iters))
     rows.append(op_call(dev, iters * 4))
     print(f"host overhead on {device_name(dev)}")
+    graph_rows = [[rows[0]["case"] + ", CUDA graph", rows[0]["precision"], f"{rows[0]['graph_us']:.0f} us",
+                   f"{rows[0]['torch_us']:.0f} us", f"{rows[0]['graph_speedup']:.2f}x"]] if "graph_us" in rows[0] else []
     print_table(["case", "", "engine", "torch", "speedup"], [
         [rows[0]["case"], rows[0]["precision"], f"{rows[0]['engine_us']:.0f} us", f"{rows[0]['torch_us']:.0f} us",
-         f"{rows[0]['speedup']:.2f}x"],
+         f"{rows[0]['speedup']:.2f}x"], *graph_rows,
         *[[r["case"], f"{r['precision']}, {r['tensors']} tensors", f"{r['step_us']:.0f} us",
            f"(backward {r['backward_us']:.0f} us)", "-"] for r in rows[1:3]],
         [rows[3]["case"], "checked ops vs plan", f"{rows[3]['native_us']:.1f} us", f"{rows[3]['checked_us']:.1f} us",

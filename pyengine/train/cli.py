@@ -44,10 +44,12 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="pyengine-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps to train (default 300)")
-    p.add_argument("--model", choices=sorted(PRESETS), default="small",
+    p.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="model size preset: " + ", ".join(
-                       f"{k} ({v.n_layer} layers x {v.d_model})" for k, v in PRESETS.items()) + " (default small)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per rank per micro-batch (16)")
+                       f"{k} ({v.n_layer} layers x {v.d_model})" for k, v in PRESETS.items()) +
+                   " (default: small on a CPU, gpt2 on a GPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="sequences per rank per micro-batch (default: 16 on a CPU; on a GPU, what fills its memory)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens (bytes) per sequence "
                    "(default: the preset's)")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (1)")
@@ -79,13 +81,16 @@ def build_parser():
                    help="checkpoints kept in the run folder, newest first; a damaged one is skipped on --resume (2)")
     p.add_argument("--comm-timeout", type=_positive_float, default=300.0,
                    help="seconds a collective may wait for a stalled or dead rank before the run fails (300)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each training step in a CUDA graph and replay it (one GPU, --grad-accum 1): for "
+                        "models whose kernels are too small to hide their launch cost")
     return p
 
 
 # flags that may differ on --resume: they change how the run is watched or how long it goes,
 # not what it computes
 RESUME_MAY_CHANGE = ("steps", "log_every", "ckpt_every", "eval_batches", "keep_checkpoints", "comm_timeout", "trace",
-                     "baseline")
+                     "baseline", "cuda_graph")
 
 
 def resolve(args, parser, argv):
@@ -115,7 +120,13 @@ def resolve(args, parser, argv):
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.device == "cuda" and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) visible")
+    if args.cuda_graph and (args.device != "cuda" or args.nproc != 1 or args.grad_accum != 1):
+        parser.error("--cuda-graph: needs --device cuda with one rank (--nproc 1) and --grad-accum 1")
+    if args.model is None:
+        args.model = "gpt2" if args.device == "cuda" else "small"
     args.seq_len = args.seq_len or PRESETS[args.model].seq_len
+    if args.batch_size is None:
+        args.batch_size = _gpu_batch(args) if args.device == "cuda" else 16
     _check_data_fits(args, parser)
     _check_attention_fits(args, parser)
     if args.out is None:
@@ -185,6 +196,18 @@ def _check_attention_fits(args, parser):
         parser.error(f"--seq-len {args.seq_len}: attention alone needs about {need / 2**30:.0f} GiB on this machine "
                      f"({args.nproc} rank(s) x batch {args.batch_size} x {cfg.n_head} heads x seq_len^2), "
                      f"{free / 2**30:.0f} GiB is free; lower --seq-len or --batch-size")
+
+
+def _gpu_batch(args):
+    """Sequences per micro-batch that fill about half of the GPU's free memory with
+    activations (bf16, flash attention: about 40 bytes per token, layer and unit of width,
+    for the forward tensors autograd keeps), between 1 and 64."""
+    import torch
+
+    cfg = PRESETS[args.model]
+    free, _ = torch.cuda.mem_get_info()
+    per_sequence = 40 * cfg.n_layer * cfg.d_model * args.seq_len
+    return int(max(1, min(64, 0.5 * free // per_sequence)))
 
 
 def _free_memory():

@@ -22,6 +22,7 @@ PRESETS = {
     "small": GPTConfig(seq_len=128, n_layer=4, n_head=4, d_model=128),
     "medium": GPTConfig(seq_len=256, n_layer=6, n_head=6, d_model=384),
     "large": GPTConfig(seq_len=512, n_layer=12, n_head=12, d_model=768),
+    "gpt2": GPTConfig(seq_len=1024, n_layer=12, n_head=12, d_model=768),  # GPT-2 124M's shape; the GPU default
 }
 
 
@@ -99,6 +100,12 @@ def decay_groups(model, weight_decay):
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(model_params: int, c: GPTConfig, seq_len: int) -> int:
+    """Forward and backward FLOPs per token: 6 per parameter, plus attention's 12 x layers x
+    sequence x width (PaLM's accounting)."""
+    return 6 * model_params + 12 * c.n_layer * seq_len * c.d_model
 
 
 def build_model(args, device):

@@ -75,6 +75,9 @@ def write_report(out, args, summary):
     tok_s = statistics.median(r["tokens_per_s"] for r in tail) if tail else float("nan")
     step_s = med("step_s")
     mem = summary["memory_per_param"]
+    tflops = summary.get("flops_per_token", 0) * tok_s / 1e12 if tail else float("nan")
+    peak = summary.get("peak_tflops_per_device")
+    mfu = f"{tflops / (peak * summary['world_size']):.1%}" if peak else "n/a (peak of this device unknown)"
     lines = [
         "# pyengine-train report", "",
         f"Model **{args['model']}**, {summary['params'] / 1e6:.2f}M parameters; {summary['world_size']} rank(s) on "
@@ -86,10 +89,12 @@ def write_report(out, args, summary):
         f"| held-out loss | {summary['val_loss']:.3f} |",
         f"| uniform guess (ln 256) | {summary['uniform_loss']:.3f} |", "",
         "## Throughput and time per step (median, rank 0)", "",
-        "| tokens/s (all ranks) | step ms | forward+backward ms | exposed comm ms | optimizer ms |",
-        "| --- | --- | --- | --- | --- |",
-        f"| {tok_s:,.0f} | {1e3 * step_s:.1f} | {1e3 * med('fwd_bwd_s'):.1f} | {1e3 * med('exposed_comm_s'):.1f} | "
-        f"{1e3 * med('optimizer_s'):.1f} |", "",
+        "| tokens/s (all ranks) | model TFLOP/s | MFU | step ms | forward+backward ms | exposed comm ms | optimizer ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {tok_s:,.0f} | {tflops:.2f} | {mfu} | {1e3 * step_s:.1f} | {1e3 * med('fwd_bwd_s'):.1f} | "
+        f"{1e3 * med('exposed_comm_s'):.1f} | {1e3 * med('optimizer_s'):.1f} |", "",
+        "Model TFLOP/s count 6 FLOPs per parameter and token plus attention's 12 x layers x sequence x width; "
+        f"MFU holds them against the device's peak ({summary.get('device_name', '?')}).", "",
         f"Communication: {summary['comm']['collectives']} collectives, overlap fraction "
         f"{summary['comm']['overlap_fraction']:.0%} (exposed {summary['comm']['exposed_comm_s']:.2f} s of "
         f"{summary['comm']['comm_s']:.2f} s). Host-side timings: on a GPU they show launch time, not kernel time.", "",

@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 from pyengine import Engine, EngineConfig
+from pyengine.devices import peak_tflops
 
 from . import checkpoints, rundir
 from .data import ShardData
 from .evaluate import evaluate, sample_text
-from .model import build_model, decay_groups
+from .model import PRESETS, build_model, decay_groups, flops_per_token
 from .schedule import lr_lambda
 
 UNIFORM_LOSS = math.log(256)  # nats per byte of a uniform guess
@@ -100,20 +101,26 @@ def train(args, stop=None):
         log_.flush()  # a checkpoint at step s always has the metrics of steps <= s on disk
         checkpoints.save(engine, out, at, args.keep_checkpoints, extra={"world_size": world})
 
+    graph = _StepGraph(model, engine) if getattr(args, "cuda_graph", False) else None
     try:
         while step < args.steps:
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                x, y = data.train_batch(args.seed, step, micro, args.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = model(x, y)
-                engine.backward(loss)
-                loss_sum += loss.detach().float()
-                if micro < args.grad_accum - 1:
-                    engine.step()
-            t1 = time.perf_counter()
-            result = engine.step()
+            if graph is not None and graph.ready(step - start):
+                x, y = data.train_batch(args.seed, step, 0, args.batch_size)
+                loss, result = graph.step(x, y)
+                t1 = t0  # one replay: forward, backward and update are not told apart
+            else:
+                loss = torch.zeros((), device=device)
+                for micro in range(args.grad_accum):
+                    x, y = data.train_batch(args.seed, step, micro, args.batch_size)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    micro_loss = model(x, y)
+                    engine.backward(micro_loss)
+                    loss += micro_loss.detach().float() / args.grad_accum
+                    if micro < args.grad_accum - 1:
+                        engine.step()
+                t1 = time.perf_counter()
+                result = engine.step()
             sched.step()
             t2 = time.perf_counter()
             exposed = 0.0
@@ -121,19 +128,11 @@ def train(args, stop=None):
                 st = engine.stats()
                 exposed = st["exposed_comm_s"] - comm_prev["exposed_comm_s"]
                 comm_prev = st
-            log_.add(torch.stack([loss_sum / args.grad_accum, engine.scaler.scale_tensor.reshape(()),
-                                  result.flag.reshape(()), engine.grad_norm_tensor.reshape(())]),
-                     {"step": step + 1, "lr": engine.optimizer.param_groups[0]["lr"], "fwd_bwd_s": t1 - t0,
-                      "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed), "step_s": t2 - t0})
+            _record(log_, engine, loss, result, step, t0, t1, t2, exposed)
             step += 1
-            _injected_fault(rank, step)
-            if step % args.log_every == 0 or step == args.steps:
-                if device.type == "cuda":
-                    comm_prev = log_.spread_exposed(engine.stats(), comm_prev)
-                log_.flush()
-            if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
-                save(step)
-            if stop.poll():  # every rank, one step after any was asked to stop
+            if device.type == "cuda" and (step % args.log_every == 0 or step == args.steps):
+                comm_prev = log_.spread_exposed(engine.stats(), comm_prev)
+            if _after_step(args, step, log_, stop, save, rank):
                 interrupted = True
                 break
     except KeyboardInterrupt:
@@ -155,6 +154,8 @@ def train(args, stop=None):
     trace = engine.close()
     summary = {"steps_done": step, "interrupted": interrupted, "val_loss": val, "uniform_loss": UNIFORM_LOSS,
                "params": n_params, "world_size": world, "memory_per_param": engine.memory_per_param(),
+               "flops_per_token": flops_per_token(n_params, PRESETS[args.model], args.seq_len),
+               "peak_tflops_per_device": peak_tflops(device), "device_name": _device_name(device),
                "skipped_steps": engine.skipped_steps, "loss_scale": engine.loss_scale, "comm": engine.stats(),
                "trace": trace}
     if args.baseline == "ddp" and not interrupted:
@@ -176,6 +177,56 @@ def train(args, stop=None):
     if lock_fd is not None:
         os.close(lock_fd)
     return 130 if interrupted else 0
+
+
+def _record(log_, engine, loss, result, step, t0, t1, t2, exposed):
+    log_.add(torch.stack([loss.reshape(()), engine.scaler.scale_tensor.reshape(()), result.flag.reshape(()),
+                          engine.grad_norm_tensor.reshape(())]),
+             {"step": step + 1, "lr": engine.optimizer.param_groups[0]["lr"], "fwd_bwd_s": t1 - t0,
+              "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed), "step_s": t2 - t0})
+
+
+def _after_step(args, step, log_, stop, save, rank) -> bool:
+    """Logging, checkpoints and the stop agreement after step `step`; True to stop."""
+    _injected_fault(rank, step)
+    if step % args.log_every == 0 or step == args.steps:
+        log_.flush()
+    if args.ckpt_every and step % args.ckpt_every == 0 and step < args.steps:
+        save(step)
+    return stop.poll()  # every rank, one step after any was asked to stop
+
+
+class _StepGraph:
+    """--cuda-graph: the first steps run eagerly (they warm up the kernels and allocator), then
+    one step (forward on static inputs, backward, update) is captured and replayed."""
+
+    eager_steps = 3
+
+    def __init__(self, model, engine):
+        self.model, self.engine, self.graph = model, engine, None
+
+    def ready(self, steps_done) -> bool:
+        return steps_done >= self.eager_steps
+
+    def step(self, x, y):
+        if self.graph is None:
+            dev = self.engine.device
+            self.x, self.y = torch.empty_like(x, device=dev), torch.empty_like(y, device=dev)
+
+            def step_fn():
+                loss = self.model(self.x, self.y)
+                self.engine.backward(loss)
+                return loss
+
+            self.graph = self.engine.capture(step_fn, warmup=0)
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        result = self.graph.replay()
+        return self.graph.outputs.detach().float().clone(), result
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _injected_fault(rank, step):
