@@ -1,19 +1,29 @@
 """Where every trainable parameter lives in the flat buffers: pure arithmetic, no tensors.
 
-Note: the static layout (which parameter sits where, which group and bucket owns which
+Note: the static layout (which parameter sits where, which group, bucket and rank owns which
 range) is built once and kept apart from the per-iteration state (which gradients are
 ready), as in Megatron-core's buffers. Parameters are named by their index in the model's
 registration order (the "canonical" order, which checkpoints use); the layout lists them in
 buffer order. Everything here is a pure function of sizes and orders, so it is tested
 without a process group or a tensor.
+
+Note [buckets and shards]: the buffers are laid out group by group; within a group the
+parameters are cut into communication buckets at parameter boundaries (a small first
+bucket, then buckets of about bucket_elems), so a bucket never spans two groups and one
+optimizer pass with one group's hyper-parameters can run over any part of it. With sharded
+optimizer state (ZeRO-1 over `shard_world` ranks) every bucket is padded to a multiple of
+shard_world x ALIGN and rank r owns the r-th of its shard_world equal slices: the bucket is
+reduce-scattered to those slices and all-gathered from them. Rank r's master weights and
+optimizer state are its slices of all buckets, one after another: a contiguous buffer of
+numel / shard_world elements.
 """
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 # Note: every parameter starts at a multiple of ALIGN elements (64 B in fp32, 32 B in half),
-# so every group and bucket range, which begin at parameter boundaries, can use 16-byte
-# vector loads on the GPU and aligned SIMD on the CPU. The padding holds zeros in every
-# buffer; a zero gradient leaves it zero through every optimizer, at < ALIGN elements a param.
+# so every group, bucket and shard range can use 16-byte vector loads on the GPU and aligned
+# SIMD on the CPU. The padding holds zeros in every buffer; a zero gradient leaves it zero
+# through every optimizer, at < ALIGN elements a param (and < shard_world x ALIGN a bucket).
 ALIGN = 16
 
 
@@ -42,6 +52,21 @@ class Span:
     start: int
     end: int
     members: Tuple[int, ...]
+    group: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Owned:
+    """The slice of one bucket a rank owns under sharding."""
+    bucket: int
+    group: int
+    start: int  # in the flat buffers
+    end: int
+    local: int  # where it starts in the rank's shard buffers
 
     @property
     def numel(self) -> int:
@@ -52,42 +77,72 @@ class Layout:
     """The flat-buffer layout of one model.
 
     numels[i] is the element count of canonical parameter i; groups[g] lists the canonical
-    indices of param group g in the order they are laid out. Groups follow one another;
-    every parameter starts ALIGN-aligned.
+    indices of param group g in the order they are laid out. bucket_elems None: one bucket
+    per group. See Note [buckets and shards].
     """
 
-    def __init__(self, numels: Sequence[int], groups: Sequence[Sequence[int]]):
+    def __init__(self, numels: Sequence[int], groups: Sequence[Sequence[int]], bucket_elems: Optional[int] = None,
+                 first_bucket_elems: Optional[int] = None, shard_world: int = 1):
         seen = sorted(i for g in groups for i in g)
         if seen != list(range(len(numels))):
             raise ValueError("Layout: every parameter must be in exactly one group")
+        if shard_world < 1:
+            raise ValueError("Layout: shard_world must be >= 1")
         self.numels = tuple(int(n) for n in numels)
+        self.bucket_elems, self.first_bucket_elems, self.shard_world = bucket_elems, first_bucket_elems, shard_world
+        pad = ALIGN * shard_world
         slots = [None] * len(numels)
-        spans, pos = [], 0
+        spans, buckets, pos = [], [], 0
+        cap = first_bucket_elems or bucket_elems
         for gi, members in enumerate(groups):
-            start = pos
+            start, cur, bstart, size = pos, [], pos, 0
             for i in members:
-                slots[i] = Slot(i, gi, pos, self.numels[i])
-                pos = align_up(pos + self.numels[i])
-            spans.append(Span(gi, start, pos, tuple(members)))
+                n = self.numels[i]
+                if cur and cap is not None and size + n > cap:
+                    pos = align_up(pos, pad)
+                    buckets.append(Span(len(buckets), bstart, pos, tuple(cur), gi))
+                    cur, bstart, size, cap = [], pos, 0, bucket_elems
+                slots[i] = Slot(i, gi, pos, n)
+                pos = align_up(pos + n)
+                size += n
+                cur.append(i)
+            if cur:
+                pos = align_up(pos, pad)
+                buckets.append(Span(len(buckets), bstart, pos, tuple(cur), gi))
+                if cap == first_bucket_elems:
+                    cap = bucket_elems
+            spans.append(Span(gi, start, pos, tuple(members), gi))
         self.slots: Tuple[Slot, ...] = tuple(slots)
         self.groups: Tuple[Span, ...] = tuple(spans)
+        self.buckets: Tuple[Span, ...] = tuple(buckets)
         self.numel = pos
         self.order: Tuple[int, ...] = tuple(i for g in spans for i in g.members)
 
-    def buckets(self, elem_bytes: int, bucket_bytes: float, first_bucket_bytes: float) -> List[Span]:
-        """Cut the buffers into communication buckets at parameter boundaries, in buffer order:
-        a small first bucket (communication starts early), then buckets of about bucket_bytes.
-        Together the buckets cover [0, numel) without gaps (padding included)."""
-        out, cur, start, size, cap = [], [], 0, 0, first_bucket_bytes
+    # -- sharding ----------------------------------------------------------------------------
+    @property
+    def shard_numel(self) -> int:
+        """Elements of each rank's shard buffers."""
+        return self.numel // self.shard_world
+
+    def owned(self, rank: int) -> List[Owned]:
+        """The bucket slices rank owns, in bucket order (their local offsets follow one another)."""
+        out, local = [], 0
+        for b in self.buckets:
+            chunk = b.numel // self.shard_world
+            start = b.start + rank * chunk
+            out.append(Owned(b.index, b.group, start, start + chunk, local))
+            local += chunk
+        return out
+
+    def segments(self, start: int, end: int) -> List[Tuple[int, int, int, int]]:
+        """The parameters' elements within flat range [start, end), padding left out:
+        (canonical index, offset within the parameter, flat offset, length) per piece."""
+        out = []
         for i in self.order:
             s = self.slots[i]
-            if cur and size + s.numel * elem_bytes > cap:
-                out.append(Span(len(out), start, s.offset, tuple(cur)))
-                cur, start, size, cap = [], s.offset, 0, bucket_bytes
-            cur.append(i)
-            size += s.numel * elem_bytes
-        if cur:
-            out.append(Span(len(out), start, self.numel, tuple(cur)))
+            lo, hi = max(s.offset, start), min(s.end, end)
+            if lo < hi:
+                out.append((i, lo - s.offset, lo, hi - lo))
         return out
 
     def reordered(self, ready_order: Sequence[int]) -> "Layout":
@@ -97,10 +152,11 @@ class Layout:
         rank = {i: k for k, i in enumerate(ready_order)}
         late = len(rank)
         groups = [sorted(g.members, key=lambda i: rank.get(i, late)) for g in self.groups]
-        return Layout(self.numels, groups)
+        return Layout(self.numels, groups, self.bucket_elems, self.first_bucket_elems, self.shard_world)
 
     def __eq__(self, other):
-        return isinstance(other, Layout) and self.slots == other.slots
+        return isinstance(other, Layout) and (self.slots, self.buckets) == (other.slots, other.buckets)
 
     def __repr__(self):
-        return f"Layout({len(self.slots)} params, {len(self.groups)} groups, {self.numel} elements)"
+        return (f"Layout({len(self.slots)} params, {len(self.groups)} groups, {len(self.buckets)} buckets, "
+                f"{self.numel} elements, sharded over {self.shard_world})")

@@ -69,7 +69,8 @@ inline void bind_types(py::module_& m) {
       .PE_ADDR_FIELD(OptimizerArgs, const float, grad_scale)
       .PE_ADDR_FIELD(OptimizerArgs, const float, found_inf)
       .PE_ADDR_FIELD(OptimizerArgs, float, step)
-      .PE_ADDR_FIELD(OptimizerArgs, const float, hyper);
+      .PE_ADDR_FIELD(OptimizerArgs, const float, hyper)
+      .def_readwrite("advance_step", &OptimizerArgs::advance_step);
 
   py::class_<StepScalarArgs>(m, "StepScalarArgs", "Inputs and outputs of the step's scalar work (step_scalars)")
       .def(py::init<>())
@@ -84,7 +85,8 @@ inline void bind_types(py::module_& m) {
       .PE_ADDR_FIELD(StepScalarArgs, float, loss_scale_state)
       .def_readwrite("max_norm", &StepScalarArgs::max_norm)
       .def_readwrite("loss_scale", &StepScalarArgs::loss_scale)
-      .PE_ADDR_FIELD(StepScalarArgs, float, host_mirror);
+      .PE_ADDR_FIELD(StepScalarArgs, float, host_mirror)
+      .def_readwrite("phase", &StepScalarArgs::phase);
 
   py::dict step_slots;
   step_slots["found_inf"] = static_cast<int>(kFoundInf);
@@ -106,6 +108,9 @@ inline void bind_types(py::module_& m) {
   m.attr("LOSS_SCALE_STATE_SIZE") = kLossScaleStateSize;
   m.attr("REDUCE_CHUNK") = kReduceChunk;
   m.attr("HYPER_SLOTS") = kHyperSlots;
+  m.attr("STEP_ALL") = kStepAll;
+  m.attr("STEP_LOCAL") = kStepLocal;
+  m.attr("STEP_GLOBAL") = kStepGlobal;
 }
 
 }  // namespace pyengine::bindings

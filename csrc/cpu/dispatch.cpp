@@ -105,7 +105,7 @@ void adam_step(const OptimizerArgs& a, const AdamConfig& cfg, Stream) {
   kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
   if (pro.skip) return clear_grad(a);  // master, state and step untouched
   ops().adam_step(a, pro.grad_scale, kernels::adam_coeffs(kernels::hyper_config(cfg, a.hyper), pro.next_step));
-  *a.step = pro.next_step;
+  if (a.advance_step) *a.step = pro.next_step;
 }
 
 void sgd_step(const OptimizerArgs& a, const SgdConfig& cfg, Stream) {
@@ -113,7 +113,7 @@ void sgd_step(const OptimizerArgs& a, const SgdConfig& cfg, Stream) {
   kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
   if (pro.skip) return clear_grad(a);
   ops().sgd_step(a, pro.grad_scale, kernels::hyper_config(cfg, a.hyper), pro.next_step == 1.0f);
-  *a.step = pro.next_step;
+  if (a.advance_step) *a.step = pro.next_step;
 }
 
 void update_loss_scale(float* state, const float* found_inf, const LossScaleConfig& cfg, Stream) {
@@ -123,21 +123,25 @@ void update_loss_scale(float* state, const float* found_inf, const LossScaleConf
 void step_scalars(const StepScalarArgs& a, Stream s) {
   float* sc = a.scalars;
   const float* inv = a.inv_scale;
-  sc[kFoundInf] = 0.0f;
-  sc[kSumsq] = 0.0f;
-  if (a.bucket_rows != nullptr) {
-    double sum = 0.0;
-    float flag = 0.0f;
-    for (std::int64_t b = 0; b < a.buckets; ++b) {  // row order: deterministic
-      sum += a.bucket_rows[2 * b];
-      float f = a.bucket_rows[2 * b + 1];
-      flag = (f != 0.0f || flag != 0.0f) ? 1.0f : 0.0f;  // NaN != 0: flagged
+  if (a.phase != kStepGlobal) {
+    sc[kFoundInf] = 0.0f;
+    sc[kSumsq] = 0.0f;
+    if (a.bucket_rows != nullptr) {
+      double sum = 0.0;
+      float flag = 0.0f;
+      for (std::int64_t b = 0; b < a.buckets; ++b) {  // row order: deterministic
+        sum += a.bucket_rows[2 * b];
+        float f = a.bucket_rows[2 * b + 1];
+        flag = (f != 0.0f || flag != 0.0f) ? 1.0f : 0.0f;  // NaN != 0: flagged
+      }
+      sc[kSumsq] = static_cast<float>(sum);
+      sc[kFoundInf] = flag;
+    } else {
+      unscale_check_sumsq(a.grad, a.grad_dtype, nullptr, DType::f32, a.n, inv, sc + kFoundInf, sc + kSumsq, nullptr,
+                          s);
     }
-    sc[kSumsq] = static_cast<float>(sum);
-    sc[kFoundInf] = flag;
-  } else {
-    unscale_check_sumsq(a.grad, a.grad_dtype, nullptr, DType::f32, a.n, inv, sc + kFoundInf, sc + kSumsq, nullptr, s);
   }
+  if (a.phase == kStepLocal) return;
   clip_coef(sc + kSumsq, inv, a.max_norm, sc + kGradNorm, s);
   update_loss_scale(a.loss_scale_state, sc + kFoundInf, a.loss_scale, s);
   sc[kBoundaries] += 1.0f;

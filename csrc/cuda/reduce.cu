@@ -101,10 +101,11 @@ __global__ void clear_flag_and_sumsq(float* scalars) {
   scalars[kSumsq] = 0.0f;
 }
 
-// One thread: fold the bucket rows (if any) in row order, clip, update the loss scale.
+// One thread: fold the bucket rows (if any) in row order; then, unless only the local phase
+// is asked, clip, update the loss scale, count the boundary and mirror the state to the host.
 __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float* sc, const float* inv_scale,
-                                  float* ls, float max_norm, LossScaleConfig cfg, float* host_mirror) {
-  if (rows != nullptr) {
+                                  float* ls, float max_norm, LossScaleConfig cfg, float* host_mirror, int phase) {
+  if (rows != nullptr && phase != kStepGlobal) {
     double sum = 0.0;
     float flag = 0.0f;
     for (std::int64_t b = 0; b < buckets; ++b) {
@@ -115,6 +116,7 @@ __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float
     sc[kSumsq] = static_cast<float>(sum);
     sc[kFoundInf] = flag;
   }
+  if (phase == kStepLocal) return;
   k::clip_coefficient(sc[kSumsq], inv_scale ? *inv_scale : 1.0f, max_norm, sc + kGradNorm);
   k::update_loss_scale(ls, sc[kFoundInf], cfg);
   sc[kBoundaries] += 1.0f;
@@ -146,14 +148,15 @@ void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_
 }
 
 void step_scalars(const StepScalarArgs& a, Stream s) {
-  if (a.bucket_rows == nullptr) {
+  if (a.bucket_rows == nullptr && a.phase != kStepGlobal) {
     clear_flag_and_sumsq<<<1, 1, 0, as_stream(s)>>>(a.scalars);
     check_launch("step_scalars");
     unscale_check_sumsq(a.grad, a.grad_dtype, nullptr, DType::f32, a.n, a.inv_scale, a.scalars + kFoundInf,
                         a.scalars + kSumsq, a.workspace, s);
   }
+  if (a.bucket_rows == nullptr && a.phase == kStepLocal) return;
   step_scalars_tail<<<1, 1, 0, as_stream(s)>>>(a.bucket_rows, a.buckets, a.scalars, a.inv_scale, a.loss_scale_state,
-                                               a.max_norm, a.loss_scale, a.host_mirror);
+                                               a.max_norm, a.loss_scale, a.host_mirror, a.phase);
   check_launch("step_scalars");
 }
 

@@ -35,6 +35,16 @@ class Comm(abc.ABC):
     def allreduce(self, tensor, average: bool):
         """Starts an in-place allreduce of tensor; returns a handle with wait()."""
 
+    @abc.abstractmethod
+    def reduce_scatter(self, output, input, average: bool):
+        """Starts a reduce-scatter of input (world_size x output elements) into output, which
+        may be input's own rank-th slice; returns a handle with wait()."""
+
+    @abc.abstractmethod
+    def all_gather(self, output, input):
+        """Starts an all-gather of input into output (world_size x input elements); input may
+        be output's own rank-th slice; returns a handle with wait()."""
+
     @property
     @abc.abstractmethod
     def control_device(self) -> torch.device:

@@ -64,6 +64,7 @@ struct OptimizerArgs {
   const float* found_inf = nullptr;   // device: a nonzero value skips the whole update
   float* step = nullptr;              // device: updates taken so far by this range's group
   const float* hyper = nullptr;       // device: the config's float fields, in place of the config's
+  bool advance_step = true;           // count the update (false for all but a group's last range)
 };
 
 // The scalar work of one boundary step, in one call (see step_scalars below).
@@ -82,7 +83,11 @@ struct StepScalarArgs {
   float max_norm = 0.0f;              // <= 0 or inf: no clipping
   LossScaleConfig loss_scale;
   float* host_mirror = nullptr;       // pinned host memory: receives the loss-scale state (GPU)
+  // kStepAll: all of it. Sharded optimizer state (ZeRO-1) splits it around an allreduce of
+  // this rank's (found_inf, sumsq): kStepLocal folds them, kStepGlobal does the rest.
+  int phase = 0;
 };
+constexpr int kStepAll = 0, kStepLocal = 1, kStepGlobal = 2;
 
 // The engine's per-step device scalars live in one float32 array; these are its slots,
 // exported to Python by the bindings so the numbers are written once.
