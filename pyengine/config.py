@@ -50,6 +50,12 @@ class EngineConfig:
       rebuild_buckets: after the first iteration, lay buffers out in the observed
           gradient-ready order (as PyTorch DDP does).
       find_unused_parameters: allow parameters that get no gradient in an iteration.
+      zero_stage: 0 (every rank holds all fp32 master weights and optimizer state) | 1 (each
+          of the d ranks holds 1/d of them: ZeRO-1; gradients are reduce-scattered, the
+          updated parameters all-gathered; 12 of the 16-18 bytes a parameter become 12/d).
+      overlap_param_gather: ZeRO-1: each module's forward waits only for the all-gather of its
+          own parameters (forward pre-hooks), instead of the step waiting for all of them.
+          Only for models whose parameters are used inside their own module's forward.
       comm_timeout: seconds before a stuck collective fails the job with an error.
       broadcast_params: copy rank 0's parameters and buffers to every rank at start.
 
@@ -84,6 +90,8 @@ class EngineConfig:
     first_bucket_mb: float = 1.0
     rebuild_buckets: bool = True
     find_unused_parameters: bool = False
+    zero_stage: int = 0
+    overlap_param_gather: bool = False
     comm_timeout: float = 300.0
     broadcast_params: bool = True
     trace_path: Optional[str] = None
@@ -105,6 +113,12 @@ class EngineConfig:
         if self.clip_grad_norm is not None:
             _num("clip_grad_norm", self.clip_grad_norm, lo=0.0, lo_open=True)
         _int("grad_accum_steps", self.grad_accum_steps, lo=1)
+        _int("zero_stage", self.zero_stage, lo=0)
+        _choice("zero_stage", self.zero_stage, (0, 1))
+        for flag in ("overlap_param_gather", "find_unused_parameters", "rebuild_buckets", "broadcast_params",
+                     "nesterov", "consecutive_hysteresis"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"EngineConfig.{flag}: expected True or False, got {type(getattr(self, flag)).__name__}")
         self._check_optimizer_fields()
         # the scale lives in float32 on the device: finite, and within its bounds
         if isinstance(self.loss_scale, str):

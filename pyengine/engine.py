@@ -27,6 +27,7 @@ from .trace import CommStats, Tracer
 
 __all__ = ["Engine", "StepResult"]
 
+MiB = 1024 * 1024
 _PLACEMENT_CHECK_EVERY = 16  # boundary steps between checks that the parameters are still views
 
 
@@ -75,20 +76,6 @@ class Engine:
                 model.to(device)  # in place: the Parameter objects (and the groups) stay the same
         self.device = device
         self.mod = _native.cuda_module() if device.type == "cuda" else _native._C
-        dtype = DTYPES[cfg.precision]
-        main_grads = cfg.accum_dtype == "fp32" and dtype != torch.float32
-        # Note: reverse registration order within each group, so the last layers' gradients,
-        # which backward produces first, sit in the first bucket (DDP does the same).
-        layout = Layout([p.numel() for p in self.params], [sorted(g, reverse=True) for g in groups])
-        self.flat = FlatBuffers(layout, self.params, dtype, torch.float32 if main_grads else dtype,
-                                spec.states(options), device)
-        if dtype != torch.float32:
-            model.to(dtype)  # frozen params and buffers; the trainable params already are views in dtype
-        for p in self.params:
-            p._pyengine_owner = weakref.ref(self)
-
-        self.scalars = StepScalars(device, 1.0, cfg.hysteresis)
-        self.scaler = LossScaler(cfg, self.scalars, self.mod)
         self.comm = None
         self.reducer = None
         self.rank, self.world_size = 0, 1
@@ -98,11 +85,30 @@ class Engine:
             self.comm = pdist.make_comm(cfg, device)
             self.rank, self.world_size = self.comm.rank, self.comm.world_size
             pdist.check_agreement(self.comm, pdist.fingerprint(named, cfg), "the model or EngineConfig")
+            if cfg.broadcast_params:
+                self._broadcast_initial_state()
         if cfg.trace_path:
             path = cfg.trace_path if self.world_size == 1 else _rank_path(cfg.trace_path, self.rank)
             self.tracer = Tracer(path, self.rank)
-        if self.distributed and cfg.broadcast_params:
-            self._broadcast_initial_state()
+        dtype = DTYPES[cfg.precision]
+        main_grads = cfg.accum_dtype == "fp32" and dtype != torch.float32
+        grad_dtype = torch.float32 if main_grads else dtype
+        wire_bytes = torch.empty((), dtype=DTYPES[cfg.comm_dtype] if cfg.comm_dtype else grad_dtype).element_size()
+        shard_world = self.world_size if cfg.zero_stage == 1 else 1
+        # Note: reverse registration order within each group, so the last layers' gradients,
+        # which backward produces first, sit in the first bucket (DDP does the same).
+        layout = Layout([p.numel() for p in self.params], [sorted(g, reverse=True) for g in groups],
+                        bucket_elems=int(cfg.bucket_mb * MiB // wire_bytes) if self.distributed else None,
+                        first_bucket_elems=int(cfg.first_bucket_mb * MiB // wire_bytes) if self.distributed else None,
+                        shard_world=shard_world)
+        self.flat = FlatBuffers(layout, self.params, dtype, grad_dtype, spec.states(options), device, rank=self.rank)
+        if dtype != torch.float32:
+            model.to(dtype)  # frozen params and buffers; the trainable params already are views in dtype
+        for p in self.params:
+            p._pyengine_owner = weakref.ref(self)
+
+        self.scalars = StepScalars(device, 1.0, cfg.hysteresis)
+        self.scaler = LossScaler(cfg, self.scalars, self.mod)
         self.optimizer = FusedOptimizer(spec, [{"params": [self.params[i] for i in g], **o}
                                                for g, o in zip(groups, options)],
                                         {k: getattr(cfg, k) for k in spec.group_keys}, self)
@@ -110,7 +116,7 @@ class Engine:
             from .ddp import Reducer
 
             self.reducer = Reducer(self.flat, self.comm, cfg, self.mod, self.scalars, self.names, self.tracer,
-                                   self._stats)
+                                   self._stats, modules=list(model.modules()))
         self.grads = GradGuard(self.flat, self.names, self._inexact_reason(),
                                accumulate=lambda i, g: self.plan.accumulate(i, g),
                                on_ready=self.reducer.grad_ready if self.reducer is not None else None)
@@ -135,7 +141,8 @@ class Engine:
         return StepPlan(self.mod, self.flat, self.scalars, self.scaler, self.optimizer, opt_grads,
                         zero_in_pass=opt_grads is self.flat.grad_flat, max_norm=self.config.clip_grad_norm,
                         main_grads=self.flat.main_grads,
-                        bucket_rows=self.reducer.bucket_stats if self.reducer is not None else None)
+                        bucket_rows=self.reducer.bucket_stats if self.reducer is not None else None,
+                        combine=self.reducer.combine_scalars if self.flat.sharded else None)
 
     # -- the training step -------------------------------------------------------------------
     def backward(self, loss):
@@ -153,6 +160,8 @@ class Engine:
                                "of one micro-batch and call backward once, then engine.step() (every micro-batch)")
         t0 = time.perf_counter()
         last = self._micro + 1 == self.config.grad_accum_steps
+        if self.flat.sharded:
+            self.reducer.wait_params()  # overlap_param_gather: what no module's forward waited for
         self.grads.before_backward()
         if self.reducer is not None and last:
             self.reducer.prepare()
@@ -197,15 +206,17 @@ class Engine:
             last.freeze()
         t_opt = time.perf_counter() if tracing else 0.0
         result = boundary_step(self.plan, self.scalars, self.optimizer, self.reducer)
+        order = self.reducer.take_rebuild_order() if self.reducer is not None else None
+        if self.flat.sharded:
+            # each rank's updated slices to every rank; a relayout needs them all at once
+            self.reducer.gather_params(wait=order is not None)
         self._last_result = weakref.ref(result)
         if tracing:
             self.tracer.span("optimizer", t_opt, time.perf_counter(), step=self._boundaries + 1)
         self.grads.in_flight = self.grads.dirty = False
         self._boundaries += 1
-        if self.reducer is not None:
-            order = self.reducer.take_rebuild_order()
-            if order is not None:
-                self._relayout(order)
+        if order is not None:
+            self._relayout(order)
         if tracing:
             self.tracer.span("step", t0, time.perf_counter(), step=self._boundaries)
         return result
@@ -237,16 +248,33 @@ class Engine:
     def _relayout(self, ready_order):
         """Lay the buffers out in the observed gradient-ready order (rank 0's, broadcast)."""
         order = self.comm.broadcast_ints(ready_order, 0)
-        self.flat.relayout(self.flat.layout.reordered(order))
+        self.flat.relayout(self.flat.layout.reordered(order), gather_state=self._gather_state)
         self.reducer.build(record_order=False)
         self.grads.rebind()
         self.plan = self._make_plan()
 
+    def _gather_state(self, shard, layout, pieces):
+        """Every element of a sharded state buffer, as canonical runs, one old bucket at a time
+        (all-gathered from the ranks' slices: one bucket of temporary memory, not the model's)."""
+        owned = layout.owned(self.rank)
+        canon = self.flat.canon
+        for b in layout.buckets:
+            o = owned[b.index]
+            whole = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
+            self.comm.all_gather(whole, shard[o.local:o.local + o.numel]).wait()
+            for i, off, at, n in layout.segments(b.start, b.end):
+                yield canon[i] + off, whole[at - b.start:at - b.start + n]
+
     def _broadcast_initial_state(self):
-        flat = self.flat
-        self.comm.broadcast(flat.master_flat, 0)
-        if flat.master_flat is not flat.param_flat:
-            ops.cast_scale(flat.master_flat, flat.param_flat)
+        """Rank 0's fp32 parameter values and model buffers on every rank, before the buffers
+        are built (so sharded master weights start from them too)."""
+        with torch.no_grad():
+            values = torch.cat([p.detach().reshape(-1).float() for p in self.params])
+            self.comm.broadcast(values, 0)
+            pos = 0
+            for p in self.params:
+                p.copy_(values[pos:pos + p.numel()].view_as(p))
+                pos += p.numel()
         for b in self.model.buffers():
             if b.is_floating_point() or b.dtype in (torch.int64, torch.int32):
                 self.comm.broadcast(b.data, 0)
@@ -317,23 +345,36 @@ class Engine:
         return self._stats.as_dict()
 
     # -- checkpoints (checkpoint.py) ---------------------------------------------------------------
+    def wait_for_params(self):
+        """ZeRO-1 with overlap_param_gather: waits for the all-gather of the updated parameters.
+        Call it before reading parameters outside the model's forward between step() and the
+        next forward (the engine's own save, state_dict and backward wait by themselves)."""
+        if self.flat.sharded:
+            self.reducer.wait_params()
+
     def state_dict(self) -> dict:
+        self.wait_for_params()
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, sd: dict):
         checkpoint.load_state_dict(self, sd)
 
     def save(self, path, extra=None) -> str:
-        """Writes the checkpoint atomically (temporary file, fsync, rename); rank 0 only.
-        `extra` (a dict) is stored under sd["extra"] for the caller's own state."""
+        """Writes a checkpoint folder (see checkpoint.py): every rank calls it, each writes its
+        own shard, nothing is gathered; atomic and checksummed. `extra` (a dict) comes back
+        from load()."""
         return checkpoint.save(self, path, extra)
 
     def load(self, path):
-        checkpoint.load(self, path)
+        """Loads a checkpoint folder saved at any world size and ZeRO stage; returns its `extra`."""
+        return checkpoint.load(self, path)
 
     def close(self):
         """Writes the trace (if any), removes the engine's hooks and releases the model."""
+        self.wait_for_params()
         self.grads.remove()
+        if self.reducer is not None:
+            self.reducer.remove_hooks()
         for p in self.params:
             if getattr(p, "_pyengine_owner", None) is not None and p._pyengine_owner() is self:
                 del p._pyengine_owner

@@ -19,6 +19,7 @@ from ._native import _C
 
 _CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HYPER_SLOTS = int(_C.HYPER_SLOTS)
+STEP_LOCAL, STEP_GLOBAL = int(_C.STEP_LOCAL), int(_C.STEP_GLOBAL)
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -30,15 +31,21 @@ def current_stream(device: torch.device) -> int:
 
 
 class _Pass:
-    """One fused optimizer pass: one param group's contiguous range."""
+    """One fused optimizer pass: one contiguous range of one param group."""
 
-    def __init__(self, group_index, fn, args, spec):
-        self.group_index = group_index
+    def __init__(self, group, fn, args):
+        self.group = group
         self.fn = fn
         self.args = args
-        self.spec = spec
+
+
+class _Group:
+    """A param group's hyper-parameters as last validated and sent to the device."""
+
+    def __init__(self, index, spec, hyper_ptr):
+        self.index, self.spec, self.hyper_ptr = index, spec, hyper_ptr
         self.read = itemgetter(*spec.group_keys)  # the group's values as one tuple, in C
-        self.values = None  # the group's hyper-parameters the config was made from
+        self.values = None
         self.config = None
 
 
@@ -50,7 +57,7 @@ class StepPlan:
     """
 
     def __init__(self, mod, flat, scalars, scaler, optimizer, opt_grads, zero_in_pass, max_norm, main_grads,
-                 bucket_rows=None):
+                 bucket_rows=None, combine=None):
         self.mod = mod
         self.device = flat.device
         self.cuda = flat.device.type == "cuda"
@@ -72,31 +79,44 @@ class StepPlan:
         a.loss_scale = scaler.config
         if scaler.host_mirror is not None:
             a.host_mirror = scaler.host_mirror.data_ptr()
+        # Sharded state: this rank's (found_inf, sumsq) are combined over the ranks between
+        # the local fold and the rest (clip, loss scale), by `combine`.
+        self._combine, self._flag_and_sumsq = combine, scalars.flag_and_sumsq
         self._scalar_args = a
+        if combine is not None:
+            self._local, self._global = _with_phase(mod, a, STEP_LOCAL), _with_phase(mod, a, STEP_GLOBAL)
         ptr = scalars.ptr
         self.zero_in_pass = zero_in_pass
         self._clear_grads = (g.data_ptr(), dtype_code(g), g.numel(), 0.0)
-        self.passes = []
         fn = getattr(mod, optimizer.spec.native)
         states = [flat.state[name] for name in optimizer.spec.states(optimizer.param_groups)]
-        half_model = flat.master_flat is not flat.param_flat
         # each group's float hyper-parameters in device memory (see core.h, kHyperSlots)
         self.hyper = torch.zeros(len(optimizer.param_groups), HYPER_SLOTS, dtype=torch.float32, device=flat.device)
-        for gi, span in enumerate(flat.layout.groups):
-            if span.numel == 0:
-                continue
+        self.groups = [_Group(gi, optimizer.spec, _at(self.hyper, gi * HYPER_SLOTS))
+                       for gi in range(len(optimizer.param_groups))]
+        # (group, offset in the whole buffers, offset in the state buffers, length) of each pass:
+        # one per group, or, with sharded state, one per bucket slice this rank owns
+        if flat.sharded:
+            ranges = [(o.group, o.start, o.local, o.numel) for o in flat.layout.owned(flat.rank)]
+        else:
+            ranges = [(gi, sp.start, sp.start, sp.numel) for gi, sp in enumerate(flat.layout.groups)]
+        ranges = [r for r in ranges if r[3] > 0]
+        last = {r[0]: k for k, r in enumerate(ranges)}  # a group's step count advances once
+        self.passes = []
+        for k, (gi, at, local, n) in enumerate(ranges):
             a = mod.OptimizerArgs()
-            a.master = _at(flat.master_flat, span.start)
-            a.state1 = _at(states[0], span.start) if len(states) > 0 else 0
-            a.state2 = _at(states[1], span.start) if len(states) > 1 else 0
-            a.grad, a.grad_dtype, a.zero_grad = _at(opt_grads, span.start), dtype_code(opt_grads), zero_in_pass
-            if half_model:
-                a.model, a.model_dtype = _at(flat.param_flat, span.start), dtype_code(flat.param_flat)
-            a.n = span.numel
+            a.master = _at(flat.master_flat, local if flat.master_separate else at)
+            a.state1 = _at(states[0], local) if len(states) > 0 else 0
+            a.state2 = _at(states[1], local) if len(states) > 1 else 0
+            a.grad, a.grad_dtype, a.zero_grad = _at(opt_grads, at), dtype_code(opt_grads), zero_in_pass
+            if flat.master_separate:
+                a.model, a.model_dtype = _at(flat.param_flat, at), dtype_code(flat.param_flat)
+            a.n = n
             a.grad_scale, a.found_inf = ptr("grad_coef"), ptr("found_inf")
             a.step = _at(optimizer.steps, gi)
-            a.hyper = _at(self.hyper, gi * HYPER_SLOTS)
-            self.passes.append(_Pass(gi, fn, a, optimizer.spec))
+            a.hyper = self.groups[gi].hyper_ptr
+            a.advance_step = last[gi] == k
+            self.passes.append(_Pass(self.groups[gi], fn, a))
         self._optimizer = optimizer
         # fp32 main grads: where each parameter's half gradient is added (grads.py's hook)
         self._main = [(_at(g, s.offset), s.numel) for s in flat.layout.slots] if main_grads else None
@@ -107,26 +127,33 @@ class StepPlan:
 
     def step_scalars(self, stream):
         """found_inf and sumsq (one read-only pass, or the buckets' rows), grad_norm and
-        grad_coef, then the loss-scale update: one native call."""
-        self.mod.step_scalars(self._scalar_args, stream)
+        grad_coef, then the loss-scale update: one native call (two around the ranks'
+        combination of found_inf and sumsq with sharded state)."""
+        if self._combine is None:
+            self.mod.step_scalars(self._scalar_args, stream)
+        else:
+            self.mod.step_scalars(self._local, stream)
+            self._combine(self._flag_and_sumsq)
+            self.mod.step_scalars(self._global, stream)
 
     def sync_hyper(self, stream):
         """Each group's hyper-parameters as the optimizer's param_groups hold them now, to the
         device (only what changed, validated first). A captured step reads them from there."""
-        groups = self._optimizer.param_groups
-        for p in self.passes:
-            group = groups[p.group_index]
-            values = p.read(group)
-            if values != p.values:  # first step, or a scheduler / the user changed a value
-                checked = check_group(p.spec, group, f"engine.optimizer.param_groups[{p.group_index}]")
-                p.config, p.values = p.spec.config(self.mod, checked), values
-                self.mod.set_scalars(p.args.hyper, p.spec.hyper(checked), stream)
+        param_groups = self._optimizer.param_groups
+        for g in self.groups:
+            group = param_groups[g.index]
+            values = g.read(group)
+            if values != g.values:  # first step, or a scheduler / the user changed a value
+                checked = check_group(g.spec, group, f"engine.optimizer.param_groups[{g.index}]")
+                g.config, g.values = g.spec.config(self.mod, checked), values
+                self.mod.set_scalars(g.hyper_ptr, g.spec.hyper(checked), stream)
 
     def update(self, stream):
-        """One fused optimizer pass per non-empty param group."""
+        """One fused optimizer pass per non-empty param group (per owned bucket slice when the
+        state is sharded)."""
         self.sync_hyper(stream)
         for p in self.passes:
-            p.fn(p.args, p.config, stream)
+            p.fn(p.args, p.group.config, stream)
 
     def zero_grads(self, stream):
         """Clears the gradient buffer when the optimizer pass did not."""
@@ -139,6 +166,16 @@ class StepPlan:
         if not g.is_contiguous():
             g = g.contiguous()
         self.mod.accumulate(dst, g.data_ptr(), _CODE[g.dtype], n, 1.0, current_stream(self.device))
+
+
+def _with_phase(mod, a, phase):
+    """A copy of the StepScalarArgs `a` for one phase."""
+    b = mod.StepScalarArgs()
+    for name in ("grad", "grad_dtype", "n", "workspace", "bucket_rows", "buckets", "scalars", "inv_scale",
+                 "loss_scale_state", "max_norm", "loss_scale", "host_mirror"):
+        setattr(b, name, getattr(a, name))
+    b.phase = phase
+    return b
 
 
 def _at(t: torch.Tensor, offset: int) -> int:

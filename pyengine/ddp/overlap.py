@@ -1,14 +1,17 @@
-"""How one bucket's communication runs beside backward, on the CPU and on CUDA.
+"""How one bucket's communication runs beside the computation, on the CPU and on CUDA.
 
-A bucket's work is always: [cast + predivide into the wire dtype] -> allreduce -> the fused
-unscale / non-finite check / sum of squares of the reduced bucket into its stats row.
+A bucket's gradient work is always: [cast + predivide into the wire dtype] -> a collective
+(allreduce, or reduce-scatter under ZeRO-1) -> `after`: the fused unscale / non-finite check
+/ sum of squares of what this rank keeps, into the bucket's stats row (and, under ZeRO-1,
+clearing the gradients of the slices other ranks own). Under ZeRO-1 each bucket's updated
+parameters are then all-gathered after the step.
 
-Note: on the CPU (gloo) the allreduce runs on gloo's threads and the check runs in the
-collective's future, so the host thread goes on with backward; step() waits for the
-futures. On CUDA everything is queued on a communication stream that first waits for the
-gradients produced so far on the compute stream; step() makes the compute stream wait on
-each bucket's event, so the host never waits. Timings: host clocks on the CPU, CUDA events
-on the GPU, read (a sync) only when stats() is asked for.
+Note: on the CPU (gloo) the collective runs on gloo's threads and `after` runs in its
+future, so the host thread goes on with backward; the step waits for the futures. On CUDA
+everything is queued on a communication stream that first waits for what the compute stream
+has produced so far; the compute stream later waits on each bucket's event, so the host
+never waits. Timings: host clocks on the CPU, CUDA events on the GPU, read (a sync) only
+when stats() is asked for.
 """
 import time
 from typing import Callable, List, Optional
@@ -17,36 +20,38 @@ import torch
 
 
 class BucketWork:
-    """One bucket's resolved work: cast(stream) or None, the wire slice, whether the
-    collective averages (else the cast predivided), and check(stream)."""
+    """One bucket's resolved work: cast(stream) or None, collective() -> a handle with wait()
+    (and then() on the CPU), after(stream); wire: the tensor the collective moves."""
 
-    def __init__(self, index: int, numel: int, cast: Optional[Callable], wire: torch.Tensor, average: bool,
-                 check: Callable):
-        self.index, self.numel, self.cast, self.wire, self.average, self.check = index, numel, cast, wire, average, check
+    def __init__(self, index: int, numel: int, cast: Optional[Callable], collective: Callable, after: Callable,
+                 wire: torch.Tensor, label: str = "allreduce"):
+        self.index, self.numel, self.cast, self.collective, self.after = index, numel, cast, collective, after
+        self.wire, self.label = wire, label
 
 
 class CpuOverlap:
     def __init__(self, comm, tracer, stats):
         self.comm, self.tracer, self.stats = comm, tracer, stats
         self._pending: List[tuple] = []
+        self._gathers: dict = {}
 
     def launch(self, w: BucketWork):
         t0 = time.perf_counter()
         self.tracer.instant(f"bucket {w.index} ready", t0, track="comm")
         if w.cast is not None:
             w.cast(0)
-        work = self.comm.allreduce(w.wire, average=w.average)
+        work = w.collective()
         done = {}
 
         def after(w=w):
-            w.check(0)
+            w.after(0)
             done["t"] = time.perf_counter()
 
         self._pending.append((w, t0, done, work, work.then(after)))
         self.stats.count(w.wire)
 
     def finish(self):
-        """Waits for every bucket's collective and check."""
+        """Waits for every bucket's collective and its `after`."""
         t0 = time.perf_counter()
         pending, self._pending = self._pending, []
         for w, _, _, work, fut in pending:
@@ -54,15 +59,30 @@ class CpuOverlap:
             try:
                 fut.wait()
             except Exception as exc:
-                raise RuntimeError(f"pyengine: post-allreduce check of bucket {w.index} failed: {exc}") from exc
+                raise RuntimeError(f"pyengine: post-{w.label} check of bucket {w.index} failed: {exc}") from exc
         t1 = time.perf_counter()
         for w, start, done, _, _ in pending:
             end = done.get("t", t1)
             self.stats.comm_s += end - start
-            self.tracer.span(f"allreduce bucket {w.index}", start, end, track="comm", numel=w.numel)
+            self.tracer.span(f"{w.label} bucket {w.index}", start, end, track="comm", numel=w.numel)
         self.stats.exposed_s += t1 - t0
         self.stats.windows += 1
         self.tracer.span("wait for comm (exposed)", t0, t1)
+
+    def gather(self, index: int, start: Callable, numel: int):
+        """Starts a parameter all-gather (start() -> handle), waited by wait_gather(index)."""
+        self._gathers[index] = (start(), time.perf_counter(), numel)
+
+    def wait_gather(self, index: int):
+        entry = self._gathers.pop(index, None)
+        if entry is not None:
+            work, t0, numel = entry
+            work.wait()
+            t1 = time.perf_counter()
+            self.tracer.span(f"all-gather bucket {index}", t0, t1, track="comm", numel=numel)
+
+    def pending_gathers(self):
+        return list(self._gathers)
 
     def abandon(self):
         self._pending = []
@@ -77,6 +97,7 @@ class CudaOverlap:
         self.stream = torch.cuda.Stream(device)
         self._spans: List[tuple] = []  # (bucket, start event, end event) of this window
         self._windows: List[tuple] = []  # (mark event, spans) not yet folded into stats
+        self._gathers: dict = {}
 
     def launch(self, w: BucketWork):
         self.tracer.instant(f"bucket {w.index} ready", time.perf_counter(), track="comm")
@@ -88,9 +109,9 @@ class CudaOverlap:
             start.record(self.stream)
             if w.cast is not None:
                 w.cast(s)
-            work = self.comm.allreduce(w.wire, average=w.average)
+            work = w.collective()
             work.wait()  # NCCL: the comm stream waits; the host does not
-            w.check(s)
+            w.after(s)
             end = torch.cuda.Event(enable_timing=True)
             end.record(self.stream)
         w.wire.record_stream(self.stream)
@@ -107,6 +128,23 @@ class CudaOverlap:
         self._windows.append((mark, self._spans))
         self._spans = []
         self.stats.windows += 1
+
+    def gather(self, index: int, start: Callable, numel: int):
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the updated parameters
+        with torch.cuda.stream(self.stream):
+            start().wait()
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self._gathers[index] = done
+
+    def wait_gather(self, index: int):
+        """The compute stream waits for that bucket's parameters (no host sync)."""
+        done = self._gathers.pop(index, None)
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+    def pending_gathers(self):
+        return list(self._gathers)
 
     def abandon(self):
         self._spans = []
