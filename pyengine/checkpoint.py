@@ -1,46 +1,283 @@
-"""Checkpoints: the engine's state_dict / load_state_dict / save / load, and the optimizer's
-state in torch.optim's own format.
+"""Checkpoints that load at any world size and either ZeRO stage.
 
-Note: state is stored per parameter, by name, in the model's registration order, so a
-checkpoint stays valid when the buffer layout changes (the bucket rebuild reorders it) or
-the number of ranks does.
+Note [checkpoint folders]: engine.save(path) writes a folder:
 
-Note [checkpoint files]: a file is a 56-byte header (magic, SHA-256 of the payload, payload
-length) and torch.save's payload. save() refuses state with inf/NaN weights (it would
-replace a good checkpoint with one that can only skip steps), writes a temporary file
-beside the target, fsyncs it and renames it over the target, so a crash leaves the old file
-whole; temporary files of writers that died are removed by the next save in that folder.
-load() checks the length and the hash before it unpickles anything.
+    index.json          names, shapes and canonical offsets of the parameters, the optimizer,
+                        the files, the world size and stage it was saved at (rank 0)
+    meta.pt             param groups, step counts, loss scaler, model buffers, `extra` (rank 0)
+    shard-R-of-N.pt     runs of the canonical flat fp32 master weights and optimizer state:
+                        with ZeRO-1 every rank writes the slices it owns, else rank 0 all of it
+
+"Canonical flat": the parameters' elements packed in registration order without padding, so
+a checkpoint does not depend on the buffer layout, the bucket rebuild, the number of ranks or
+the stage; a loading rank copies from the runs whatever its own layout needs (flat.py). Each
+file carries a SHA-256 and is written atomically (checkfile.py); the folder is filled under a
+temporary name and renamed into place by rank 0 once every rank's shard is in, so a crash
+leaves the previous checkpoint and no partial one. The weights must be finite on every rank,
+or nothing is written.
+
+engine.state_dict() / load_state_dict() keep the in-memory form for unsharded state, and
+engine.optimizer.state_dict() is torch.optim's.
 """
-import hashlib
-import io
+import json
 import os
-import re
-import tempfile
+import shutil
 
 import torch
 
 from . import ops
+from .checkfile import CheckpointError, read_file, write_file
+from .flat import copy_runs
 
-CHECKPOINT_VERSION = 1
-MAGIC = b"PYENGINE-CKPT\x00\x01\x00"  # 16 bytes; the last two: format version 1
-HEADER_BYTES = len(MAGIC) + 32 + 8
-_TMP = re.compile(r"^\.pyengine-(\d+)-.*\.tmp$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is damaged, truncated, or not a pyengine checkpoint."""
+CHECKPOINT_VERSION = 2
+__all__ = ["CheckpointError", "save", "load", "read", "state_dict", "load_state_dict", "optimizer_state_dict",
+           "load_optimizer_state_dict"]
 
 
+# -- save -----------------------------------------------------------------------------------------
+def save(engine, path, extra=None) -> str:
+    """Every rank calls it (collectives inside); returns the folder's path."""
+    if engine.micro_step != 0:
+        raise RuntimeError(
+            f"Engine.save: {engine.micro_step} micro-batch(es) of the current accumulation window are pending; "
+            "their gradients would be lost. Save right after the boundary step")
+    if engine.flat.sharded:
+        engine.reducer.wait_params()
+    try:
+        check_finite(engine)
+        bad = None
+    except FloatingPointError as exc:
+        bad = exc
+    _agree(engine, bad is None, "the weights are finite", bad)
+    path = os.path.abspath(os.fspath(path))
+    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    writes = engine.flat.sharded or engine.rank == 0
+    writers = engine.world_size if engine.flat.sharded else 1
+    if engine.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # what a crash left
+        os.makedirs(partial)
+    _agree(engine, True, "the folder is ready")
+    error = None
+    if writes:
+        try:
+            write_file(_shard(engine), os.path.join(partial, _shard_name(engine.rank if engine.flat.sharded else 0,
+                                                                         writers)))
+        except Exception as exc:
+            error = exc
+    _agree(engine, error is None, "every shard was written", error)
+    if engine.rank == 0:
+        write_file(_meta(engine, extra), os.path.join(partial, "meta.pt"))
+        with open(os.path.join(partial, "index.json"), "w") as f:
+            json.dump(_index(engine, writers), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_folder(partial, path)
+    _agree(engine, True, "the checkpoint is in place")
+    return path
+
+
+def check_finite(engine) -> bool:
+    """Raises FloatingPointError naming the first parameters whose master weights or
+    optimizer state hold inf/NaN on this rank; True when all are finite."""
+    flat = engine.flat
+    masters = flat.master_pieces()
+    bufs = [(flat.master_flat, masters), *((t, flat.pieces()) for t in flat.state.values())]
+    if all(bool(torch.isfinite(b).all()) for b, _ in bufs):
+        return True
+    bad = []
+    for b, pieces in bufs:
+        for c0, n, off in pieces:
+            if not bool(torch.isfinite(b[off:off + n]).all()):
+                name = engine.names[flat._param_at(c0)[0]]
+                if name not in bad:
+                    bad.append(name)
+    raise FloatingPointError(
+        f"pyengine: not saving a checkpoint whose weights or optimizer state hold inf/NaN (first: "
+        f"{', '.join(bad[:5]) or 'the padding between them'}); the previous checkpoint is kept. Training has "
+        "diverged: lower the lr, check the data, or use bf16")
+
+
+def _agree(engine, ok, what, error=None):
+    """Every rank learns whether all succeeded (a collective: all ranks call it), and all
+    raise if one did not: `error` where it happened, a note elsewhere."""
+    oks = engine.comm.all_gather_int(1 if ok else 0) if engine.world_size > 1 else [1 if ok else 0]
+    if all(oks):
+        return
+    if error is not None:
+        raise error
+    bad = [r for r, v in enumerate(oks) if not v]
+    raise RuntimeError(f"pyengine: checkpoint not saved: on rank(s) {bad}, not {what}; the previous one is kept")
+
+
+def _shard(engine):
+    """This rank's runs of the canonical master weights and optimizer state."""
+    flat = engine.flat
+    master, states = flat.master_pieces(), flat.pieces()
+    out = {"master": _gather_runs(flat.master_flat, master), "master_runs": [(c, n) for c, n, _ in master],
+           "runs": [(c, n) for c, n, _ in states]}
+    for name, t in flat.state.items():
+        out[name] = _gather_runs(t, states)
+    return out
+
+
+def _gather_runs(t, pieces):
+    if not pieces:
+        return torch.zeros(0)
+    return torch.cat([t[off:off + n] for _, n, off in pieces]).detach().cpu()
+
+
+def _meta(engine, extra):
+    opt = engine.optimizer
+    return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "steps": opt.steps.detach().cpu().clone(), "scaler": engine.scaler.state_dict(),
+            "boundaries": engine.boundary_steps,
+            "model_buffers": {k: b.detach().cpu().clone() for k, b in engine.model.named_buffers()},
+            "extra": dict(extra) if extra is not None else None}
+
+
+def _index(engine, writers):
+    flat = engine.flat
+    return {"format": "pyengine-checkpoint", "version": CHECKPOINT_VERSION,
+            "params": [{"name": n, "shape": list(p.shape), "offset": flat.canon[i], "numel": p.numel()}
+                       for i, (n, p) in enumerate(zip(engine.names, engine.params))],
+            "optimizer": engine.optimizer.spec.name, "states": list(flat.state),
+            "world_size": engine.world_size, "zero_stage": engine.config.zero_stage,
+            "shards": [_shard_name(r, writers) for r in range(writers)], "meta": "meta.pt",
+            "config": engine.config.to_dict()}
+
+
+def _shard_name(rank, count):
+    return f"shard-{rank}-of-{count}.pt"
+
+
+def _replace_folder(new, final):
+    """new's contents at final; at no moment is neither the old nor the new one there."""
+    old = f"{final}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(os.path.dirname(final), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- load -----------------------------------------------------------------------------------------
+def load(engine, path):
+    """Loads a checkpoint folder saved at any world size and stage; returns its `extra`."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) and os.path.isdir(f"{path}.old"):
+        path = f"{path}.old"  # a save was interrupted between its two renames
+    index_path = os.path.join(path, "index.json")
+    if not os.path.exists(index_path):
+        raise FileNotFoundError(f"Engine.load: no checkpoint at {path} (no index.json)")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except ValueError as exc:
+        raise CheckpointError(f"{index_path} is damaged: {exc}") from None
+    _check_index(engine, index, path)
+    flat = engine.flat
+    meta = read_file(os.path.join(path, index["meta"]))
+    master_pieces, state_pieces = flat.master_pieces(), flat.pieces()
+    states = list(flat.state)
+    with torch.no_grad():
+        params = _param_pieces(flat)
+        for name in index["shards"]:
+            shard = read_file(os.path.join(path, name))
+            master = list(_runs(shard["master_runs"], shard["master"]))
+            copy_runs(master, flat.master_flat, master_pieces)
+            copy_runs(master, flat.param_flat, params)  # every parameter, cast: no all-gather needed
+            for s in states:
+                copy_runs(_runs(shard["runs"], shard[s]), flat.state[s], state_pieces)
+        opt = engine.optimizer
+        opt.steps.copy_(meta["steps"].reshape(-1))
+        for g, saved in zip(opt.param_groups, meta["param_groups"]):
+            g.update(saved)
+        engine.scaler.load_state_dict(meta["scaler"])
+        bufs = dict(engine.model.named_buffers())
+        for k, b in meta["model_buffers"].items():
+            if k in bufs:
+                bufs[k].copy_(b)
+    engine._after_load(int(meta["boundaries"]))
+    return meta.get("extra")
+
+
+def read(path) -> dict:
+    """A checkpoint folder as plain tensors, for inspection or conversion, without an engine:
+    {"index", "meta", "master", <state name>...}, each a canonical flat fp32 tensor (parameter
+    i at index["params"][i]["offset"], numel elements)."""
+    path = os.fspath(path)
+    with open(os.path.join(path, "index.json")) as f:
+        index = json.load(f)
+    total = sum(p["numel"] for p in index["params"])
+    out = {"index": index, "meta": read_file(os.path.join(path, index["meta"])), "master": torch.zeros(total)}
+    for name in index["states"]:
+        out[name] = torch.zeros(total)
+    whole = [(0, total, 0)]
+    for shard_name in index["shards"]:
+        shard = read_file(os.path.join(path, shard_name))
+        copy_runs(_runs(shard["master_runs"], shard["master"]), out["master"], whole)
+        for name in index["states"]:
+            copy_runs(_runs(shard["runs"], shard[name]), out[name], whole)
+    return out
+
+
+def _check_index(engine, index, path):
+    if index.get("format") != "pyengine-checkpoint" or index.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not a pyengine checkpoint of this version")
+    names = [p["name"] for p in index["params"]]
+    if names != list(engine.names):
+        missing = sorted(set(engine.names) - set(names))[:5]
+        unknown = sorted(set(names) - set(engine.names))[:5]
+        raise ValueError(f"Engine.load: the checkpoint's parameters differ from the model's (missing from the "
+                         f"checkpoint: {missing}, unknown to the model: {unknown})")
+    for p, name, param in zip(index["params"], engine.names, engine.params):
+        if list(param.shape) != p["shape"]:
+            raise ValueError(f"Engine.load: {name} has shape {p['shape']} in the checkpoint, {list(param.shape)} in "
+                             "the model")
+    if index["optimizer"] != engine.optimizer.spec.name:
+        raise ValueError(f"Engine.load: checkpoint optimizer is {index['optimizer']!r}, this engine uses "
+                         f"{engine.optimizer.spec.name!r}")
+    missing_states = sorted(set(engine.flat.state) - set(index["states"]))
+    if missing_states:
+        raise ValueError(f"Engine.load: the checkpoint lacks optimizer state {missing_states}")
+    absent = [s for s in index["shards"] if not os.path.exists(os.path.join(path, s))]
+    if absent:
+        raise CheckpointError(f"{path} is incomplete: {', '.join(absent)} missing")
+
+
+def _runs(runs, values):
+    pos = 0
+    for c0, n in runs:
+        yield c0, values[pos:pos + n]
+        pos += n
+
+
+def _param_pieces(flat):
+    """(canonical start, length, flat offset) of every parameter in the whole param buffer."""
+    out = []
+    for i in flat.layout.order:
+        s = flat.layout.slots[i]
+        if s.numel:
+            out.append((flat.canon[i], s.numel, s.offset))
+    return out
+
+
+# -- in memory (unsharded state) ------------------------------------------------------------------
 def state_dict(engine) -> dict:
     if engine.micro_step != 0:
         raise RuntimeError(
             f"Engine.state_dict: {engine.micro_step} micro-batch(es) of the current accumulation window are pending; "
             "their gradients would be lost. Save right after the boundary step")
+    _unsharded(engine, "Engine.state_dict")
     flat, opt = engine.flat, engine.optimizer
     n = len(engine.params)
     return {
-        "version": CHECKPOINT_VERSION,
+        "version": 1,
         "config": engine.config.to_dict(),
         "param_names": list(engine.names),
         "master": [flat.master_view(i).detach().clone().cpu() for i in range(n)],
@@ -57,8 +294,10 @@ def state_dict(engine) -> dict:
 
 
 def load_state_dict(engine, sd: dict):
-    if not isinstance(sd, dict) or sd.get("version") != CHECKPOINT_VERSION:
-        raise ValueError("Engine.load_state_dict: not a pyengine checkpoint (or from an incompatible version)")
+    _unsharded(engine, "Engine.load_state_dict")
+    if not isinstance(sd, dict) or sd.get("version") != 1:
+        raise ValueError("Engine.load_state_dict: not a pyengine state dict (from engine.state_dict()); a checkpoint "
+                         "folder loads with engine.load(path)")
     if list(sd["param_names"]) != list(engine.names):
         missing = sorted(set(engine.names) - set(sd["param_names"]))[:5]
         extra = sorted(set(sd["param_names"]) - set(engine.names))[:5]
@@ -80,7 +319,7 @@ def load_state_dict(engine, sd: dict):
                 if k not in o["state"][i]:
                     raise ValueError(f"Engine.load_state_dict: optimizer state of {name} lacks {k!r}")
                 flat.view(v, i).copy_(o["state"][i][k].reshape(-1))
-        if flat.master_flat is not flat.param_flat:
+        if flat.master_separate:
             ops.cast_scale(flat.master_flat, flat.param_flat)
         opt.steps.copy_(o["steps"].reshape(-1))
         for g, saved in zip(opt.param_groups, o["param_groups"]):
@@ -93,119 +332,11 @@ def load_state_dict(engine, sd: dict):
     engine._after_load(int(sd.get("boundaries", 0)))
 
 
-def save(engine, path, extra=None) -> str:
-    """Writes the checkpoint atomically with a checksum (see Note [checkpoint files]); rank 0
-    only. `extra` (a dict) is stored under sd["extra"] for the caller's own state."""
-    check_finite(engine)
-    sd = state_dict(engine)
-    if extra is not None:
-        sd["extra"] = dict(extra)
-    path = os.fspath(path)
-    if engine.rank != 0:
-        return path
-    write_file(sd, path)
-    return path
-
-
-def check_finite(engine):
-    """Raises FloatingPointError naming the first parameters whose master weights or
-    optimizer state hold inf/NaN (one host read)."""
-    flat = engine.flat
-    bufs = [flat.master_flat, *flat.state.values()]
-    if all(bool(torch.isfinite(b).all()) for b in bufs):
-        return
-    bad = [n for i, n in enumerate(engine.names)
-           if not all(bool(torch.isfinite(flat.view(b, i)).all()) for b in bufs)][:5] or ["the padding between them"]
-    raise FloatingPointError(
-        f"pyengine: not saving a checkpoint whose weights or optimizer state hold inf/NaN (first: {', '.join(bad)}); "
-        "the previous checkpoint is kept. Training has diverged: lower the lr, check the data, or use bf16")
-
-
-def write_file(obj, path):
-    """torch.save(obj) behind a checksummed header, atomically (temporary file, fsync, rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".pyengine-{os.getpid()}-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\0" * HEADER_BYTES)
-            writer = _HashingWriter(f)
-            torch.save(obj, writer)
-            f.seek(0)
-            f.write(MAGIC + writer.hash.digest() + writer.size.to_bytes(8, "little"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_file(path):
-    """The object write_file stored at path; CheckpointError when the file is damaged.
-    A file without the header (written before checksums existed) loads unverified."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER_BYTES)
-        if not head.startswith(MAGIC):
-            f.seek(0)
-            if head[:2] != b"PK":  # torch.save's zip format starts so
-                raise CheckpointError(f"{path} is not a pyengine checkpoint")
-            return torch.load(f, map_location="cpu", weights_only=False)
-        if len(head) < HEADER_BYTES:
-            raise CheckpointError(f"{path} is truncated (header)")
-        digest, size = head[len(MAGIC):len(MAGIC) + 32], int.from_bytes(head[-8:], "little")
-        payload = f.read(size + 1)
-    if len(payload) != size:
-        raise CheckpointError(f"{path} is truncated or has trailing bytes ({len(payload)} bytes, {size} expected)")
-    if hashlib.sha256(payload).digest() != digest:
-        raise CheckpointError(f"{path} is damaged: its checksum does not match its contents")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-
-
-def remove_stale_temporaries(folder):
-    """Temporary files left by saves whose process died (the pid is in the name)."""
-    for name in os.listdir(folder):
-        m = _TMP.match(name)
-        if m and not _alive(int(m.group(1))):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def _alive(pid) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _HashingWriter:
-    """The file object torch.save writes through: hashes and counts what passes."""
-
-    def __init__(self, f):
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
-
-    def write(self, b):
-        self.hash.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-    def flush(self):
-        self.f.flush()
-
-
-def load(engine, path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Engine.load: no checkpoint at {path}")
-    load_state_dict(engine, read_file(path))
+def _unsharded(engine, what):
+    if engine.flat.sharded:
+        raise RuntimeError(f"{what}: with zero_stage=1 each rank holds 1/{engine.world_size} of the master weights "
+                           "and optimizer state; save and load them with engine.save(folder) / engine.load(folder), "
+                           "which work at any world size")
 
 
 # -- engine.optimizer.state_dict(): torch.optim's format ---------------------------------------
@@ -213,6 +344,7 @@ def optimizer_state_dict(engine) -> dict:
     """{"state": {k: {"step", exp_avg, ...}}, "param_groups": [{..., "params": [k, ...]}]}, with
     parameters numbered as torch.optim numbers them (group by group), each state tensor in
     its parameter's shape. Saved between steps it is what torch.optim.AdamW would hold."""
+    _unsharded(engine, "engine.optimizer.state_dict")
     opt, flat = engine.optimizer, engine.flat
     index = {id(p): i for i, p in enumerate(engine.params)}
     state, groups, k = {}, [], 0
@@ -231,6 +363,7 @@ def optimizer_state_dict(engine) -> dict:
 
 
 def load_optimizer_state_dict(engine, sd: dict):
+    _unsharded(engine, "engine.optimizer.load_state_dict")
     opt, flat = engine.optimizer, engine.flat
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("engine.optimizer.load_state_dict: expected torch.optim's format "

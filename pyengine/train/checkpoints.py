@@ -1,26 +1,28 @@
-"""The main job's checkpoints: numbered files, the newest few kept, damaged ones skipped.
+"""The main job's checkpoints: numbered folders, the newest few kept, damaged ones skipped.
 
-checkpoint-<step>.pt is written atomically with a checksum (pyengine/checkpoint.py) and only
-when the weights are finite; after each save all but the newest `keep` are removed. Loading
-tries the newest first and falls back to an older one, with a warning, when a file is damaged.
+checkpoint-<step> is an Engine checkpoint folder (pyengine/checkpoint.py): written
+atomically with a checksum on every file, only when the weights are finite, loadable at any
+world size and ZeRO stage. After each save all but the newest `keep` are removed. Loading
+tries the newest first and falls back to an older one, with a warning, when one is damaged.
 """
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from pyengine.checkpoint import CheckpointError, read_file
+from pyengine.checkfile import CheckpointError
 
-_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
 log = logging.getLogger("pyengine.train")
 
 
 def checkpoints(out) -> List[Path]:
-    """The run's checkpoint files, newest (highest step) first."""
+    """The run's checkpoint folders, newest (highest step) first."""
     out = Path(out)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -29,18 +31,26 @@ def latest_checkpoint(out) -> Optional[Path]:
     return found[0] if found else None
 
 
+_LEFT = re.compile(r"^(\.checkpoint-\d+\.partial|checkpoint-\d+\.old)$")
+
+
 def save(engine, out, step: int, keep: int, extra=None) -> Path:
-    """Saves checkpoint-<step>.pt (every rank takes part; rank 0 writes) and prunes old ones."""
-    path = Path(out) / f"checkpoint-{step:07d}.pt"
+    """Saves checkpoint-<step> (every rank takes part and writes its own shard) and prunes,
+    including what interrupted saves left (the run folder's lock makes this the only writer)."""
+    path = Path(out) / f"checkpoint-{step:07d}"
+    if engine.rank == 0:
+        for left in Path(out).iterdir():
+            if _LEFT.match(left.name):
+                shutil.rmtree(left, ignore_errors=True)
     engine.save(path, extra=extra)
     if engine.rank == 0:
         for old in checkpoints(out)[keep:]:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load_newest_good(out):
-    """(state dict, path) of the newest checkpoint that reads back intact; raises
+def load_newest_good(engine, out):
+    """(extra, path) of the newest checkpoint that loads intact into engine; raises
     CheckpointError when none does."""
     found = checkpoints(out)
     if not found:
@@ -48,12 +58,12 @@ def load_newest_good(out):
     errors = []
     for path in found:
         try:
-            sd = read_file(path)
+            extra = engine.load(path)
         except (CheckpointError, OSError, RuntimeError, EOFError) as exc:
             errors.append(f"{path.name}: {exc}")
             log.warning("skipping checkpoint %s: %s", path, exc)
             continue
         if errors:
             log.warning("resuming from the older checkpoint %s", path.name)
-        return sd, path
+        return extra, path
     raise CheckpointError(f"no checkpoint in {out} reads back intact: " + "; ".join(errors))

@@ -81,16 +81,19 @@ def build_parser():
                    help="checkpoints kept in the run folder, newest first; a damaged one is skipped on --resume (2)")
     p.add_argument("--comm-timeout", type=_positive_float, default=300.0,
                    help="seconds a collective may wait for a stalled or dead rank before the run fails (300)")
+    p.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                   help="1: shard the fp32 master weights and optimizer state over the ranks (ZeRO-1): 12 of the "
+                        "16-18 bytes a parameter become 12/ranks (0)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step in a CUDA graph and replay it (one GPU, --grad-accum 1): for "
                         "models whose kernels are too small to hide their launch cost")
     return p
 
 
-# flags that may differ on --resume: they change how the run is watched or how long it goes,
-# not what it computes
+# flags that may differ on --resume: how the run is watched or how long it goes, and how its
+# state is spread over ranks (a checkpoint loads at any --nproc and --zero)
 RESUME_MAY_CHANGE = ("steps", "log_every", "ckpt_every", "eval_batches", "keep_checkpoints", "comm_timeout", "trace",
-                     "baseline", "cuda_graph")
+                     "baseline", "cuda_graph", "nproc", "zero")
 
 
 def resolve(args, parser, argv):
@@ -152,6 +155,11 @@ def _resolve_resume(args, parser, argv):
         parser.error(f"--resume {args.resume}: {what}: these set what the run computes and cannot change "
                      "mid-run; drop them, or start a new run with another --out")
     changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE and v != saved.get(k)}
+    if "nproc" in changed and saved.get("device") == "cuda":
+        import torch
+
+        if changed["nproc"] > torch.cuda.device_count():
+            parser.error(f"--nproc {changed['nproc']}: only {torch.cuda.device_count()} GPU(s) visible")
     if changed:
         print("pyengine-train: resuming with " + ", ".join(
             f"--{k.replace('_', '-')} {v} (was {saved.get(k)})" for k, v in changed.items()), file=sys.stderr)

@@ -62,24 +62,26 @@ def train(args, stop=None):
     model = build_model(args, device)
     cfg = EngineConfig(precision=args.precision, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                        clip_grad_norm=args.clip, grad_accum_steps=args.grad_accum, comm_dtype=args.comm_dtype,
-                       comm_timeout=args.comm_timeout, trace_path=str(out / "trace.json") if args.trace else None)
+                       comm_timeout=args.comm_timeout, zero_stage=getattr(args, "zero", 0),
+                       # the GPT uses each parameter inside its own module's forward
+                       overlap_param_gather=getattr(args, "zero", 0) == 1,
+                       trace_path=str(out / "trace.json") if args.trace else None)
     engine = Engine(model, cfg, param_groups=decay_groups(model, args.weight_decay))
     if engine.world_size != world:
         raise RuntimeError(f"expected {world} ranks, the process group has {engine.world_size}")
     sched = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(args))
     start = 0
     if args.resume:
-        sd, path = checkpoints.load_newest_good(out)
-        saved_world = sd.get("extra", {}).get("world_size", world)
-        if saved_world != world:
-            raise ValueError(f"--resume: the run used {saved_world} ranks, this one has {world}; resume with "
-                             f"--nproc {saved_world} (each rank's data shard depends on it)")
-        engine.load_state_dict(sd)
+        extra, path = checkpoints.load_newest_good(engine, out)
+        saved_world = (extra or {}).get("world_size", world)
         start = engine.boundary_steps
         sched.last_epoch = start
         if rank == 0:
             rundir.truncate_metrics(out, start)
             log.info("resumed %s at step %d from %s", out, start, path.name)
+            if saved_world != world:
+                log.warning("the run had %d rank(s), this one has %d: the weights and optimizer state carry over "
+                            "exactly, but each rank now reads another part of the data", saved_world, world)
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
