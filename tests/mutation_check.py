@@ -60,6 +60,13 @@ MUTANTS = [
            "layout.py", "groups = [sorted(g.members, key=lambda i: rank.get(i, late)) for g in self.groups]",
            "groups = [list(g.members) for g in self.groups]",
            ("test_layout.py",)),
+    Mutant("zero-scalars-not-combined", "ZeRO-1 ranks skip and clip on their own slice's flag and norm",
+           "ddp/reducer.py", "self.comm.allreduce(flag_and_sumsq, average=False).wait()", "pass",
+           ("test_zero.py::test_fp16_overflow_is_skipped_by_every_rank_together",
+            "test_zero.py::test_zero1_binding_clip_scales_as_unsharded")),
+    Mutant("forward-reads-before-gather", "a module's forward does not wait for its parameters' all-gather",
+           "ddp/reducer.py", "self.overlap.wait_gather(self._bucket_of[i])", "pass",
+           ("test_zero.py::test_overlapped_param_gather_trains_as_unsharded_across_the_bucket_rebuild",)),
 ]
 
 

@@ -78,7 +78,7 @@ def test_fp16_overflow_skips_on_gpu():
     assert engine.skipped_steps == 1
 
 
-def _gloo_on_one_gpu_rank(rank, world, precision, comm_dtype):
+def _gloo_on_one_gpu_rank(rank, world, precision, comm_dtype, zero_stage=0, clip=1.0):
     """One of two gloo ranks sharing cuda:0: NCCL refuses that, gloo moves CUDA tensors, so the
     CUDA overlap path (comm stream, events) of the Reducer runs on any single-GPU machine."""
     import os
@@ -90,8 +90,9 @@ def _gloo_on_one_gpu_rank(rank, world, precision, comm_dtype):
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = GPT(copy.deepcopy(PRESETS["tiny"])).cuda()
-    engine = Engine(model, EngineConfig(precision=precision, lr=3e-3, clip_grad_norm=1.0, comm_backend="torch",
-                                        comm_dtype=comm_dtype, bucket_mb=0.05, first_bucket_mb=0.01))
+    engine = Engine(model, EngineConfig(precision=precision, lr=3e-3, clip_grad_norm=clip, comm_backend="torch",
+                                        comm_dtype=comm_dtype, bucket_mb=0.05, first_bucket_mb=0.01,
+                                        zero_stage=zero_stage))
     assert engine.reducer is not None and engine.reducer.cuda and len(engine.reducer.buckets) > 2
     g = torch.Generator().manual_seed(0)
     norms = []
@@ -124,3 +125,18 @@ def test_two_gloo_ranks_on_one_gpu_match_one_process(precision, comm_dtype):
         # another order (fp32: ulps of the norm); a bf16 wire rounds each element to 2^-8
         rel = 1e-5 if comm_dtype is None else 2**-7
         assert out[0]["norms"][step] == pytest.approx(engine.grad_norm, rel=rel)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero1_on_two_gloo_ranks_on_one_gpu_is_bitwise_zero0(precision):
+    """The CUDA side of ZeRO-1 (reduce-scatter on the comm stream, the owned-slice check and
+    update, the all-gather back): with a clip that never binds the same sums give the same
+    weights to the bit (tests/test_zero.py says why)."""
+    from dist_util import ok, run_ranks
+
+    z1 = ok(run_ranks(_gloo_on_one_gpu_rank, 2, precision, None, 1, 1e9), 2)
+    z0 = ok(run_ranks(_gloo_on_one_gpu_rank, 2, precision, None, 0, 1e9), 2)
+    assert torch.equal(z1[0]["params"], z1[1]["params"]), "the all-gather gave every rank the same weights"
+    assert torch.equal(z1[0]["params"], z0[0]["params"])
+    for a, b in zip(z1[0]["norms"], z0[0]["norms"]):
+        assert a == pytest.approx(b, rel=1e-6)
