@@ -25,6 +25,9 @@ def main(argv=None):
                            help="a pyengine-train preset (e.g. small, the main job's default) instead of the "
                                 "overhead-bound 19M-parameter GPT with one 32-token sequence per rank")
             p.add_argument("--batch-size", type=int, default=None, help="sequences per rank (with --model: 16)")
+            p.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                           help="1: the engine unsharded and with ZeRO-1 side by side, with each rank's "
+                                "optimizer time (default 0: fp32 and bf16 wire)")
         if name == "models":
             p.add_argument("--models", default=None, help="comma-separated shapes (default: 124M,350M,774M,1.5B "
                            "on a GPU; a tiny one on the CPU)")

@@ -2,8 +2,12 @@
 accumulation; step time, tokens/s, exposed communication and memory per parameter.
 
 DDP's side is what a PyTorch user writes: DistributedDataParallel + (GradScaler for fp16)
-+ clip_grad_norm_(foreach) + AdamW(fused). Iterations alternate between the two so that
-machine noise hits both alike; the figure is rank 0's median step time.
++ clip_grad_norm_(foreach) + AdamW(fused). Iterations alternate between the variants so that
+machine noise hits all alike; the figure is rank 0's median step time.
+
+--zero 1 runs the engine unsharded and with ZeRO-1 (fp32 wire both) beside DDP, and times
+each rank's optimizer passes alone: with the master weights and state sharded they cover
+1/ranks of the parameters.
 """
 import statistics
 import time
@@ -23,7 +27,31 @@ def _model(cfg, device, seed=0):
     return GPT(cfg).to(device)
 
 
-def _bench_rank(rank, world, device, gcfg, batch, accum, iters, comm_dtypes):
+def _optimizer_ms(engine, repeats=10):
+    """Median time of this rank's fused optimizer passes alone (the update they make is kept:
+    it runs after the step timings)."""
+    stream = engine.plan.stream()
+    times = []
+    for _ in range(repeats):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        engine.plan.update(stream)
+        sync(engine.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _comm_during_backward(events) -> float:
+    """The fraction of the bucket collectives' time that falls inside backward, from a trace."""
+    bwd = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["name"] == "backward"]
+    comm = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and " bucket " in e["name"]
+            and not e["name"].startswith("all-gather")]
+    inside = sum(max(0.0, min(c1, b1) - max(c0, b0)) for c0, c1 in comm for b0, b1 in bwd)
+    total = sum(c1 - c0 for c0, c1 in comm)
+    return inside / total if total else float("nan")
+
+
+def _bench_rank(rank, world, device, gcfg, batch, accum, iters, variants_spec, trace_prefix=None):
     if device == "cuda":
         torch.cuda.set_device(rank)
     dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
@@ -32,17 +60,20 @@ def _bench_rank(rank, world, device, gcfg, batch, accum, iters, comm_dtypes):
     x = torch.randint(0, 256, (batch, gcfg.seq_len), generator=g).to(dev)
 
     variants = []
-    for wire in comm_dtypes:
+    for wire, zero in variants_spec:
         model = _model(gcfg, dev)
         engine = Engine(model, EngineConfig(lr=1e-4, weight_decay=0.1, clip_grad_norm=1.0, grad_accum_steps=accum,
-                                            comm_dtype=wire))
+                                            comm_dtype=wire, zero_stage=zero, overlap_param_gather=zero == 1,
+                                            trace_path=f"{trace_prefix}-zero{zero}.json" if trace_prefix else None))
 
         def step(model=model, engine=engine):
             for _ in range(accum):
                 engine.backward(model(x, x))
                 engine.step()
 
-        variants.append((f"engine (wire {wire or 'fp32'})", step, engine))
+        name = f"engine (wire {wire or 'fp32'}, zero {zero})" if any(z for _, z in variants_spec) else \
+            f"engine (wire {wire or 'fp32'})"
+        variants.append((name, step, engine))
 
     ref = _model(gcfg, dev)
     ddp = torch.nn.parallel.DistributedDataParallel(ref, device_ids=[rank] if device == "cuda" else None)
@@ -85,7 +116,10 @@ def _bench_rank(rank, world, device, gcfg, batch, accum, iters, comm_dtypes):
             st = engine.stats()
             row.update(exposed_comm_ms=st["exposed_comm_s"] / max(1, st["windows"]) * 1e3,
                        comm_ms=st["comm_s"] / max(1, st["windows"]) * 1e3, overlap=st["overlap_fraction"],
-                       bytes_per_param=engine.memory_per_param()["total"])
+                       bytes_per_param=engine.memory_per_param()["total"], optimizer_ms=_optimizer_ms(engine))
+            if engine.tracer.enabled:
+                row.update(comm_during_backward=_comm_during_backward(engine.tracer.events),
+                           trace=engine.close())
         else:
             # fp32 param + grad + AdamW state + DDP's bucket copy of the gradients
             row.update(bytes_per_param=4 + 4 + 8 + 4)
@@ -117,13 +151,22 @@ def run(args):
         gcfg, batch = PRESETS[args.model], 16
     if args.batch_size:
         batch = args.batch_size
-    rows = spawn(_bench_rank, world, dev, gcfg, batch, accum, iters, [None, "bf16"])
+    spec = [(None, 0), (None, 1)] if args.zero else [(None, 0), ("bf16", 0)]
+    kind = (f"ddp-{args.model}" if args.model else "ddp") + ("-zero1" if args.zero else "")
+    trace_prefix = f"{args.out}/trace-{kind.replace('-zero1', '')}-{dev}" if args.zero else None
+    rows = spawn(_bench_rank, world, dev, gcfg, batch, accum, iters, spec, trace_prefix)
     print(f"{world} ranks on {device_name(dev)}: GPT {rows[0]['params'] / 1e6:.1f}M params, batch {batch} x "
           f"{gcfg.seq_len} tokens per rank, accumulation {accum}")
-    print_table(["variant", "step ms", "x DDP", "tokens/s", "comm ms", "exposed ms", "overlap", "B/param"],
+    print_table(["variant", "step ms", "x DDP", "tokens/s", "comm ms", "exposed ms", "overlap", "optimizer ms",
+                 "B/param"],
                 [[r["variant"], f"{r['step_ms']:.1f}", f"{r['vs_ddp']:.2f}", f"{r['tokens_per_s']:.0f}",
                   f"{r.get('comm_ms', float('nan')):.1f}", f"{r.get('exposed_comm_ms', float('nan')):.1f}",
-                  f"{r['overlap']:.0%}" if "overlap" in r else "-", f"{r['bytes_per_param']:.0f}"] for r in rows])
-    kind = f"ddp-{args.model}" if args.model else "ddp"
+                  f"{r['overlap']:.0%}" if "overlap" in r else "-",
+                  f"{r['optimizer_ms']:.2f}" if "optimizer_ms" in r else "-", f"{r['bytes_per_param']:.0f}"]
+                 for r in rows])
+    for r in rows:
+        if "trace" in r:
+            print(f"{r['variant']}: {r['comm_during_backward']:.0%} of the bucket collectives' time inside backward "
+                  f"(trace: {r['trace']})")
     print(f"wrote {write_results(kind, dev, rows, args.out, {'world': world, 'batch': batch, 'seq_len': gcfg.seq_len})}")
     return 0
