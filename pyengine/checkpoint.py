@@ -53,10 +53,14 @@ def save(engine, path, extra=None) -> str:
     partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
     writes = engine.flat.sharded or engine.rank == 0
     writers = engine.world_size if engine.flat.sharded else 1
+    error = None
     if engine.rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # what a crash left
-        os.makedirs(partial)
-    _agree(engine, True, "the folder is ready")
+        try:
+            shutil.rmtree(partial, ignore_errors=True)  # what a crash left
+            os.makedirs(partial)
+        except OSError as exc:
+            error = exc
+    _agree(engine, error is None, "the folder was created", error)
     error = None
     if writes:
         try:
@@ -66,13 +70,16 @@ def save(engine, path, extra=None) -> str:
             error = exc
     _agree(engine, error is None, "every shard was written", error)
     if engine.rank == 0:
-        write_file(_meta(engine, extra), os.path.join(partial, "meta.pt"))
-        with open(os.path.join(partial, "index.json"), "w") as f:
-            json.dump(_index(engine, writers), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace_folder(partial, path)
-    _agree(engine, True, "the checkpoint is in place")
+        try:
+            write_file(_meta(engine, extra), os.path.join(partial, "meta.pt"))
+            with open(os.path.join(partial, "index.json"), "w") as f:
+                json.dump(_index(engine, writers), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _replace_folder(partial, path)
+        except Exception as exc:
+            error = exc
+    _agree(engine, error is None, "the index was written and the folder put in place", error)
     return path
 
 
@@ -80,9 +87,9 @@ def check_finite(engine) -> bool:
     """Raises FloatingPointError naming the first parameters whose master weights or
     optimizer state hold inf/NaN on this rank; True when all are finite."""
     flat = engine.flat
-    masters = flat.master_pieces()
+    masters = flat.owned_master_pieces()
     bufs = [(flat.master_flat, masters), *((t, flat.pieces()) for t in flat.state.values())]
-    if all(bool(torch.isfinite(b).all()) for b, _ in bufs):
+    if all(bool(torch.isfinite(b[off:off + n]).all()) for b, pieces in bufs for _, n, off in pieces):
         return True
     bad = []
     for b, pieces in bufs:
@@ -112,7 +119,7 @@ def _agree(engine, ok, what, error=None):
 def _shard(engine):
     """This rank's runs of the canonical master weights and optimizer state."""
     flat = engine.flat
-    master, states = flat.master_pieces(), flat.pieces()
+    master, states = flat.owned_master_pieces(), flat.pieces()
     out = {"master": _gather_runs(flat.master_flat, master), "master_runs": [(c, n) for c, n, _ in master],
            "runs": [(c, n) for c, n, _ in states]}
     for name, t in flat.state.items():
@@ -141,6 +148,7 @@ def _index(engine, writers):
             "params": [{"name": n, "shape": list(p.shape), "offset": flat.canon[i], "numel": p.numel()}
                        for i, (n, p) in enumerate(zip(engine.names, engine.params))],
             "optimizer": engine.optimizer.spec.name, "states": list(flat.state),
+            "groups": [sorted(g.members) for g in flat.layout.groups],
             "world_size": engine.world_size, "zero_stage": engine.config.zero_stage,
             "shards": [_shard_name(r, writers) for r in range(writers)], "meta": "meta.pt",
             "config": engine.config.to_dict()}
@@ -169,8 +177,13 @@ def _replace_folder(new, final):
 def load(engine, path):
     """Loads a checkpoint folder saved at any world size and stage; returns its `extra`."""
     path = os.fspath(path)
+    engine.wait_for_params()  # an all-gather in flight would land on the loaded weights
     if not os.path.isdir(path) and os.path.isdir(f"{path}.old"):
         path = f"{path}.old"  # a save was interrupted between its two renames
+    if os.path.isfile(path):
+        raise CheckpointError(f"Engine.load: {path} is a file; this version of pyengine saves and loads checkpoint "
+                              "folders (index.json, meta.pt, shard-R-of-N.pt). A single-file checkpoint comes from "
+                              "an earlier version: load it there with engine.load_state_dict and save a folder")
     index_path = os.path.join(path, "index.json")
     if not os.path.exists(index_path):
         raise FileNotFoundError(f"Engine.load: no checkpoint at {path} (no index.json)")
@@ -182,10 +195,11 @@ def load(engine, path):
     _check_index(engine, index, path)
     flat = engine.flat
     meta = read_file(os.path.join(path, index["meta"]))
+    _check_groups(engine, len(meta["param_groups"]), "Engine.load")
     master_pieces, state_pieces = flat.master_pieces(), flat.pieces()
     states = list(flat.state)
     with torch.no_grad():
-        params = _param_pieces(flat)
+        params = flat.whole_pieces()
         for name in index["shards"]:
             shard = read_file(os.path.join(path, name))
             master = list(_runs(shard["master_runs"], shard["master"]))
@@ -245,6 +259,12 @@ def _check_index(engine, index, path):
     missing_states = sorted(set(engine.flat.state) - set(index["states"]))
     if missing_states:
         raise ValueError(f"Engine.load: the checkpoint lacks optimizer state {missing_states}")
+    groups = [sorted(g.members) for g in engine.flat.layout.groups]
+    if "groups" in index and index["groups"] != groups:
+        raise ValueError(f"Engine.load: the checkpoint's param groups hold other parameters than this engine's "
+                         f"({[len(g) for g in index['groups']]} parameters per group saved, "
+                         f"{[len(g) for g in groups]} now): its lr and weight decay would reach the wrong parameters; "
+                         "build the Engine with the same param_groups")
     absent = [s for s in index["shards"] if not os.path.exists(os.path.join(path, s))]
     if absent:
         raise CheckpointError(f"{path} is incomplete: {', '.join(absent)} missing")
@@ -257,14 +277,11 @@ def _runs(runs, values):
         pos += n
 
 
-def _param_pieces(flat):
-    """(canonical start, length, flat offset) of every parameter in the whole param buffer."""
-    out = []
-    for i in flat.layout.order:
-        s = flat.layout.slots[i]
-        if s.numel:
-            out.append((flat.canon[i], s.numel, s.offset))
-    return out
+def _check_groups(engine, saved, what):
+    """Before anything is written: the saved param groups must be the engine's."""
+    if saved != len(engine.optimizer.param_groups):
+        raise ValueError(f"{what}: the checkpoint has {saved} param group(s), this engine "
+                         f"{len(engine.optimizer.param_groups)}; build the Engine with the same param_groups")
 
 
 # -- in memory (unsharded state) ------------------------------------------------------------------
@@ -295,6 +312,7 @@ def state_dict(engine) -> dict:
 
 def load_state_dict(engine, sd: dict):
     _unsharded(engine, "Engine.load_state_dict")
+    engine.wait_for_params()
     if not isinstance(sd, dict) or sd.get("version") != 1:
         raise ValueError("Engine.load_state_dict: not a pyengine state dict (from engine.state_dict()); a checkpoint "
                          "folder loads with engine.load(path)")
@@ -308,6 +326,7 @@ def load_state_dict(engine, sd: dict):
     if o["kind"] != opt.spec.name:
         raise ValueError(f"Engine.load_state_dict: checkpoint optimizer is {o['kind']!r}, "
                          f"this engine uses {opt.spec.name!r}")
+    _check_groups(engine, len(o["param_groups"]), "Engine.load_state_dict")
     flat = engine.flat
     with torch.no_grad():
         for i, (name, m) in enumerate(zip(engine.names, sd["master"])):

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from . import _native, checkpoint, ops
+from . import _native, checkpoint
 from .config import EngineConfig
 from .flat import DTYPES, FlatBuffers
 from .grads import GradGuard
@@ -198,9 +198,7 @@ class Engine:
         t0 = time.perf_counter() if tracing else 0.0
         self._check_skip_run()
         if self.grads.before_step(check_placement=self._boundaries % _PLACEMENT_CHECK_EVERY == 0):
-            # the parameters were written in place (model.load_state_dict, ...): the master
-            # weights follow, as a torch optimizer would use the new values
-            ops.cast_scale(self.flat.param_flat, self.flat.master_flat)
+            self.flat.refresh_master()  # the parameters were written in place
         last = self._last_result() if self._last_result is not None else None
         if last is not None:
             last.freeze()

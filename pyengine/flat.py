@@ -22,6 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from . import ops
 from .layout import Layout
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -110,31 +111,52 @@ class FlatBuffers:
         return self.view(self.master_flat, i)
 
     # -- canonical pieces ----------------------------------------------------------------------
-    def pieces(self) -> List[Tuple[int, int, int]]:
-        """(canonical start, length, offset in this rank's state buffers) of every run of
-        parameter elements the state buffers hold, padding left out, in buffer order."""
-        out = []
-        if self.sharded:
-            for o in self.layout.owned(self.rank):
-                for i, off, flat, n in self.layout.segments(o.start, o.end):
-                    out.append((self.canon[i] + off, n, o.local + (flat - o.start)))
-        else:
-            for i in self.layout.order:
-                s = self.layout.slots[i]
-                if s.numel:
-                    out.append((self.canon[i], s.numel, s.offset))
-        return out
-
-    def master_pieces(self) -> List[Tuple[int, int, int]]:
-        """As pieces(), for the master weights (the whole fp32 params when they are their own)."""
-        if self.master_separate or not self.sharded:
-            return self.pieces()
+    def whole_pieces(self) -> List[Tuple[int, int, int]]:
+        """(canonical start, length, offset) of every parameter in the whole (unsharded)
+        buffers, padding left out, in buffer order."""
         out = []
         for i in self.layout.order:
             s = self.layout.slots[i]
             if s.numel:
                 out.append((self.canon[i], s.numel, s.offset))
         return out
+
+    def pieces(self) -> List[Tuple[int, int, int]]:
+        """(canonical start, length, offset in this rank's state buffers) of every run of
+        parameter elements the state buffers hold, padding left out, in buffer order."""
+        if not self.sharded:
+            return self.whole_pieces()
+        out = []
+        for o in self.layout.owned(self.rank):
+            for i, off, flat, n in self.layout.segments(o.start, o.end):
+                out.append((self.canon[i] + off, n, o.local + (flat - o.start)))
+        return out
+
+    def master_pieces(self) -> List[Tuple[int, int, int]]:
+        """As pieces(), for what the master buffer holds: the whole fp32 params when they are
+        their own master weights."""
+        if self.master_separate or not self.sharded:
+            return self.pieces()
+        return self.whole_pieces()
+
+    def owned_master_pieces(self) -> List[Tuple[int, int, int]]:
+        """The master weights this rank updates (and saves): with fp32 params under ZeRO-1
+        the owned slices of the whole param buffer, else master_pieces()."""
+        if self.master_separate or not self.sharded:
+            return self.pieces()
+        return [(self.canon[i] + off, n, flat) for o in self.layout.owned(self.rank)
+                for i, off, flat, n in self.layout.segments(o.start, o.end)]
+
+    def refresh_master(self):
+        """The master weights this rank updates follow the parameters, after an in-place write
+        to them (model.load_state_dict, ...), as a torch optimizer would use the new values."""
+        if not self.master_separate:
+            return
+        if not self.sharded:
+            ops.cast_scale(self.param_flat, self.master_flat)
+            return
+        for o in self.layout.owned(self.rank):
+            ops.cast_scale(self.param_flat[o.start:o.end], self.master_flat[o.local:o.local + o.numel])
 
     def _param_at(self, c0):
         i = bisect.bisect_right(self.canon, c0) - 1

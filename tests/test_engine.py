@@ -7,6 +7,7 @@ import torch
 
 from conftest import assert_close
 from pyengine import Engine, EngineConfig
+from pyengine.checkpoint import CheckpointError
 from pyengine.train.model import GPT, PRESETS, decay_groups
 
 
@@ -290,6 +291,10 @@ def test_errors_are_clear():
         EngineConfig(grad_accum_steps=2.5)
     with pytest.raises(ValueError, match="unknown field"):
         EngineConfig.from_dict({"precison": "fp16"})
+    with pytest.raises(ValueError, match="zero_stage: 2 is not one of"):
+        EngineConfig(zero_stage=2)
+    with pytest.raises(ValueError, match="overlap_param_gather: only with zero_stage=1"):
+        EngineConfig(overlap_param_gather=True)
     m = mlp()
     with pytest.raises(ValueError, match="missing from param_groups: 0.bias"):
         Engine(m, EngineConfig(), param_groups=[{"params": [p for n, p in m.named_parameters() if n != "0.bias"]}])
@@ -342,3 +347,31 @@ def test_optimizer_state_dict_is_torch_format_and_round_trips():
     again = other.optimizer.state_dict()
     for k, st in theirs["state"].items():
         assert torch.equal(again["state"][k]["exp_avg_sq"], st["exp_avg_sq"])
+
+
+def test_load_refuses_other_param_groups_and_single_files_before_writing_anything(tmp_path):
+    model = mlp()
+    params = list(model.parameters())
+    engine = Engine(model, EngineConfig(), param_groups=[{"params": params[:2]}, {"params": params[2:]}])
+    x, y = batches(1)[0]
+    engine.backward(mse(model, x, y))
+    engine.step()
+    engine.save(tmp_path / "two_groups")
+    other = mlp()
+    named = dict(other.named_parameters())
+    regrouped = Engine(other, EngineConfig(), param_groups=[  # the same count, other members
+        {"params": [p for n, p in named.items() if n.endswith("weight")]},
+        {"params": [p for n, p in named.items() if n.endswith("bias")]}])
+    one_group = Engine(mlp(), EngineConfig())
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="param groups hold other parameters"):
+        regrouped.load(tmp_path / "two_groups")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters())), "nothing was written"
+    with pytest.raises(ValueError, match="param groups hold other parameters"):
+        one_group.load(tmp_path / "two_groups")
+    torch.save({"master": []}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="is a file; this version of pyengine saves and loads checkpoint folders"):
+        one_group.load(tmp_path / "old.pt")
+    sd = engine.state_dict()
+    with pytest.raises(ValueError, match="the checkpoint has 2 param group"):
+        one_group.load_state_dict(sd)

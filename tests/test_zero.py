@@ -16,7 +16,8 @@ GLOBAL_BATCH = 8
 
 def gpt_rank(rank, world, cfg_kwargs, steps, opts=None):
     """A tiny GPT trained on slices of the same global batches whatever the world size; opts:
-    accum, save_to, load_from, start."""
+    accum, save_to, load_from, start, rewrite_at (the step before which the model's first
+    weights are written back in place with model.load_state_dict)."""
     opts = opts or {}
     accum, save_to, load_from, start = (opts.get("accum", 2), opts.get("save_to"), opts.get("load_from"),
                                         opts.get("start", 0))
@@ -32,11 +33,14 @@ def gpt_rank(rank, world, cfg_kwargs, steps, opts=None):
     engine = Engine(model, EngineConfig(**cfg), param_groups=decay_groups(model, 0.1))
     if load_from:
         engine.load(load_from)
+    first_weights = copy.deepcopy(model.state_dict())
     g = torch.Generator().manual_seed(123)
     text = torch.randint(0, 32, (8192,), generator=g)
     norms, skipped = [], []
     per_rank = GLOBAL_BATCH // world
     for step in range(start, start + steps):
+        if step == opts.get("rewrite_at"):
+            model.load_state_dict(first_weights)
         for micro in range(accum):
             gg = torch.Generator().manual_seed(1000 * step + micro)
             starts = torch.randint(0, text.numel() - 65, (GLOBAL_BATCH,), generator=gg)[rank * per_rank:
@@ -266,3 +270,28 @@ def test_a_parameter_used_outside_its_module_turns_the_overlap_off_with_a_warnin
     assert not plain[0]["warnings"]
     # the early read waited for its gather: the same weights as without the overlap, to the bit
     assert torch.equal(over[0]["params"], plain[0]["params"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_weights_written_in_place_reach_the_owned_master_slices(precision):
+    # model.load_state_dict between steps: each rank's master slices follow the new values
+    cfg = dict(precision=precision, clip_grad_norm=1e9)
+    z1 = ok(run_ranks(gpt_rank, 2, dict(cfg, zero_stage=1), 4, dict(rewrite_at=2)), 2)
+    z0 = ok(run_ranks(gpt_rank, 2, cfg, 4, dict(rewrite_at=2)), 2)
+    plain = ok(run_ranks(gpt_rank, 2, cfg, 4), 2)
+    assert torch.equal(z1[0]["params"], z0[0]["params"])
+    assert not torch.equal(z0[0]["params"], plain[0]["params"]), "the rewrite changed the training"
+
+
+def test_fp32_zero1_shards_hold_only_the_owned_weights(tmp_path):
+    # fp32 params are their own master weights, whole on every rank: each shard still holds
+    # only the slices its rank updated, and together they are the model's weights
+    from pyengine.checkfile import read_file
+    from pyengine.checkpoint import read
+
+    ckpt = tmp_path / "ckpt"
+    out = ok(run_ranks(gpt_rank, 2, dict(precision="fp32", zero_stage=1), 2, dict(save_to=str(ckpt))), 2)
+    shards = [read_file(ckpt / f"shard-{r}-of-2.pt") for r in range(2)]
+    total = sum(s["master"].numel() for s in shards)
+    assert total == out[0]["params"].numel() and all(s["master"].numel() < total for s in shards)
+    assert torch.equal(read(str(ckpt))["master"], out[0]["params"])
