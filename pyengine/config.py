@@ -52,7 +52,8 @@ class EngineConfig:
       find_unused_parameters: allow parameters that get no gradient in an iteration.
       zero_stage: 0 (every rank holds all fp32 master weights and optimizer state) | 1 (each
           of the d ranks holds 1/d of them: ZeRO-1; gradients are reduce-scattered, the
-          updated parameters all-gathered; 12 of the 16-18 bytes a parameter become 12/d).
+          updated parameters all-gathered; with half params 12 of the 16-18 bytes a parameter
+          costs become 12/d, with fp32 params 8 of 16 become 8/d). No effect on one process.
       overlap_param_gather: ZeRO-1: each module's forward waits only for the all-gather of its
           own parameters (forward pre-hooks), instead of the step waiting for all of them.
           Only for models whose parameters are used inside their own module's forward.
@@ -115,6 +116,9 @@ class EngineConfig:
         _int("grad_accum_steps", self.grad_accum_steps, lo=1)
         _int("zero_stage", self.zero_stage, lo=0)
         _choice("zero_stage", self.zero_stage, (0, 1))
+        if self.overlap_param_gather is True and self.zero_stage == 0:
+            raise ValueError("EngineConfig.overlap_param_gather: only with zero_stage=1 (without sharding there are no "
+                             "parameters to gather)")
         for flag in ("overlap_param_gather", "find_unused_parameters", "rebuild_buckets", "broadcast_params",
                      "nesterov", "consecutive_hysteresis"):
             if not isinstance(getattr(self, flag), bool):

@@ -78,7 +78,7 @@ def test_fp16_overflow_skips_on_gpu():
     assert engine.skipped_steps == 1
 
 
-def _gloo_on_one_gpu_rank(rank, world, precision, comm_dtype, zero_stage=0, clip=1.0):
+def _gloo_on_one_gpu_rank(rank, world, precision, comm_dtype, zero_stage=0, clip=1.0, overlap=False):
     """One of two gloo ranks sharing cuda:0: NCCL refuses that, gloo moves CUDA tensors, so the
     CUDA overlap path (comm stream, events) of the Reducer runs on any single-GPU machine."""
     import os
@@ -92,7 +92,7 @@ def _gloo_on_one_gpu_rank(rank, world, precision, comm_dtype, zero_stage=0, clip
     model = GPT(copy.deepcopy(PRESETS["tiny"])).cuda()
     engine = Engine(model, EngineConfig(precision=precision, lr=3e-3, clip_grad_norm=clip, comm_backend="torch",
                                         comm_dtype=comm_dtype, bucket_mb=0.05, first_bucket_mb=0.01,
-                                        zero_stage=zero_stage))
+                                        zero_stage=zero_stage, overlap_param_gather=overlap))
     assert engine.reducer is not None and engine.reducer.cuda and len(engine.reducer.buckets) > 2
     g = torch.Generator().manual_seed(0)
     norms = []
@@ -101,9 +101,11 @@ def _gloo_on_one_gpu_rank(rank, world, precision, comm_dtype, zero_stage=0, clip
         engine.backward(model(x, x))
         engine.step()
         norms.append(engine.grad_norm)
+    engine.wait_for_params()
     stats = engine.stats()
     return {"params": torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()]), "norms": norms,
-            "collectives": stats["collectives"], "steps": engine.global_step}
+            "collectives": stats["collectives"], "steps": engine.global_step,
+            "gathers_overlap": engine.reducer._gathers_overlap}
 
 
 @pytest.mark.parametrize("precision,comm_dtype", [("fp32", None), ("bf16", "bf16")])
@@ -127,16 +129,18 @@ def test_two_gloo_ranks_on_one_gpu_match_one_process(precision, comm_dtype):
         assert out[0]["norms"][step] == pytest.approx(engine.grad_norm, rel=rel)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_zero1_on_two_gloo_ranks_on_one_gpu_is_bitwise_zero0(precision):
+@pytest.mark.parametrize("precision,overlap", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_zero1_on_two_gloo_ranks_on_one_gpu_is_bitwise_zero0(precision, overlap):
     """The CUDA side of ZeRO-1 (reduce-scatter on the comm stream, the owned-slice check and
-    update, the all-gather back): with a clip that never binds the same sums give the same
+    update, the all-gather back, and with overlap each module's forward waiting on the
+    compute stream for its buckets): with a clip that never binds the same sums give the same
     weights to the bit (tests/test_zero.py says why)."""
     from dist_util import ok, run_ranks
 
-    z1 = ok(run_ranks(_gloo_on_one_gpu_rank, 2, precision, None, 1, 1e9), 2)
+    z1 = ok(run_ranks(_gloo_on_one_gpu_rank, 2, precision, None, 1, 1e9, overlap), 2)
     z0 = ok(run_ranks(_gloo_on_one_gpu_rank, 2, precision, None, 0, 1e9), 2)
     assert torch.equal(z1[0]["params"], z1[1]["params"]), "the all-gather gave every rank the same weights"
+    assert z1[0]["gathers_overlap"] == overlap, "the GPT uses each parameter inside its own module's forward"
     assert torch.equal(z1[0]["params"], z0[0]["params"])
     for a, b in zip(z1[0]["norms"], z0[0]["norms"]):
         assert a == pytest.approx(b, rel=1e-6)

@@ -4,11 +4,12 @@ Note: with overlap_param_gather each module's forward waits only for the all-gat
 parameters (forward pre-hooks). A model that uses a parameter outside its module's forward (a
 parent reading child.weight, a functional call on a shared tensor) would read it before its
 gather completed: stale or torn values, silently. Where a model uses its parameters is fixed by
-its code, so one forward watched under a TorchFunctionMode tells: every torch call is checked
-for a trainable Parameter whose gather is still pending. At the first such use the check waits
-for every pending gather (that read is then correct) and remembers the parameter; the engine
-then warns once and waits for all gathers at the end of each step from then on. Only this one
-forward pays the check's Python cost per torch call.
+its code, so one forward of the model watched under a TorchFunctionMode tells: every torch call
+is checked for a trainable Parameter whose gather is still pending. At the first such use the
+check waits for every pending gather (that read is then correct) and remembers the parameter;
+the engine then warns once and waits for all gathers at the end of each step from then on. The
+model's own forward hooks enter and leave the mode, so it nests with any mode the user holds,
+and only this one forward pays the check's Python cost per torch call.
 """
 import torch
 from torch.overrides import TorchFunctionMode

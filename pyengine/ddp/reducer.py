@@ -36,7 +36,8 @@ class Reducer:
         self._inv_scale = scalars.ptr("inv_scale")
         self.overlap = CudaOverlap(comm, tracer, stats, flat.device) if self.cuda else CpuOverlap(comm, tracer, stats)
         self._hooks = []
-        self._check = None  # the GatherCheck watching the first overlapped forward
+        self._check = None  # the GatherCheck watching the first overlapped forward, while it runs
+        self._check_next_forward = False
         self._gathers_overlap = cfg.overlap_param_gather  # False once a forward used a parameter early
         self._gathers_checked = False
         self.build(record_order=cfg.rebuild_buckets)
@@ -184,25 +185,11 @@ class Reducer:
                                 b.numel)
         if wait or not self._gathers_overlap:
             self.wait_params()
-        elif not self._gathers_checked:
-            from .gather_check import GatherCheck
-
-            self._check = GatherCheck(self._pending_name, self._wait_all)
-            self._check.__enter__()
+        else:
+            self._check_next_forward = not self._gathers_checked
 
     def wait_params(self):
-        """Every parameter gathered: before backward, a checkpoint, a relayout; ends the check."""
-        if self._check is not None:
-            check, self._check = self._check, None
-            check.__exit__(None, None, None)
-            self._gathers_checked = check.uses > 0  # else no forward ran: watch the next one
-            if check.violation is not None:
-                import warnings
-
-                self._gathers_overlap = False
-                warnings.warn(f"EngineConfig.overlap_param_gather: the forward used parameter {check.violation[0]} "
-                              f"(in {check.violation[1]}) outside its module's forward, before its all-gather had "
-                              "arrived; each step now waits for every all-gather at its end instead", stacklevel=3)
+        """Every parameter gathered: before backward, a checkpoint, a relayout."""
         self._wait_all()
 
     def _wait_all(self):
@@ -219,11 +206,38 @@ class Reducer:
         """Each module that holds trainable parameters waits, before its forward, for the
         buckets of those parameters."""
         index = self._param_index = {id(p): i for i, p in enumerate(self.flat.params)}
+        if self._modules:  # the model's own forward, watched once (gather_check.py)
+            root = self._modules[0]
+            self._hooks.append(root.register_forward_pre_hook(lambda mod, args: self._begin_check(), prepend=True))
+            self._hooks.append(root.register_forward_hook(lambda mod, args, out: self._end_check(), always_call=True))
         for module in self._modules:
             ids = [index[id(p)] for p in module._parameters.values() if p is not None and id(p) in index]
             if ids:
                 self._hooks.append(module.register_forward_pre_hook(
                     lambda mod, args, ids=tuple(ids): self._wait_for(ids)))
+
+    def _begin_check(self):
+        if self._check_next_forward and self._check is None:
+            from .gather_check import GatherCheck
+
+            self._check = GatherCheck(self._pending_name, self._wait_all)
+            self._check.__enter__()
+
+    def _end_check(self):
+        if self._check is None:
+            return
+        check, self._check = self._check, None
+        check.__exit__(None, None, None)
+        if check.uses == 0:
+            return  # a forward that used no parameter: watch the next one
+        self._gathers_checked, self._check_next_forward = True, False
+        if check.violation is not None:
+            import warnings
+
+            self._gathers_overlap = False
+            warnings.warn(f"EngineConfig.overlap_param_gather: the forward used parameter {check.violation[0]} "
+                          f"(in {check.violation[1]}) outside its module's forward, before its all-gather had "
+                          "arrived; each step now waits for every all-gather at its end instead", stacklevel=2)
 
     def _wait_for(self, ids):
         for i in ids:
