@@ -288,3 +288,34 @@ def test_what_interrupted_saves_left_is_removed(tmp_path):
     (tmp_path / "checkpoint-0000002.old").mkdir()
     train_ckpts.save(e, tmp_path, 4, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0000004", "ckpt"]
+
+
+def _resume_when_one_rank_cannot_read_rank(rank, world, out):
+    from pyengine.train.checkpoints import load_newest_good, save
+
+    torch.distributed.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    engine = Engine(model, EngineConfig(lr=0.1, zero_stage=1))
+    for step in (1, 2):
+        engine.backward(model(torch.ones(2, 4)).square().sum())
+        engine.step()
+        save(engine, out, step, keep=2, extra={"step": step})
+    if rank == 1:  # a transient read error on one rank only, for the newest checkpoint
+        real = engine.load
+
+        def flaky(path):
+            if path.name.endswith("0000002"):
+                raise OSError("simulated read error")
+            return real(path)
+
+        engine.load = flaky
+    extra, path = load_newest_good(engine, out)
+    return {"extra": extra, "path": path.name}
+
+
+def test_every_rank_resumes_from_the_same_checkpoint_when_one_cannot_read_the_newest(tmp_path):
+    from dist_util import ok, run_ranks
+
+    out = ok(run_ranks(_resume_when_one_rank_cannot_read_rank, 2, tmp_path), 2)
+    assert [r["extra"]["step"] for r in out] == [1, 1]

@@ -58,10 +58,16 @@ def load_newest_good(engine, out):
     errors = []
     for path in found:
         try:
-            extra = engine.load(path)
+            extra, error = engine.load(path), None
         except (CheckpointError, OSError, RuntimeError, EOFError) as exc:
-            errors.append(f"{path.name}: {exc}")
-            log.warning("skipping checkpoint %s: %s", path, exc)
+            error = exc
+        # every rank resumes from the same checkpoint: one that failed to read anywhere is skipped everywhere
+        oks = engine.comm.all_gather_int(int(error is None)) if engine.world_size > 1 else [int(error is None)]
+        if not all(oks):
+            bad = [r for r, v in enumerate(oks) if not v]
+            why = error if error is not None else f"it did not read back on rank(s) {bad}"
+            errors.append(f"{path.name}: {why}")
+            log.warning("skipping checkpoint %s: %s", path, why)
             continue
         if errors:
             log.warning("resuming from the older checkpoint %s", path.name)
