@@ -87,27 +87,34 @@ def check_finite(engine) -> bool:
     """Raises FloatingPointError naming the first parameters whose master weights or
     optimizer state hold inf/NaN on this rank; True when all are finite."""
     flat = engine.flat
-    masters = flat.owned_master_pieces()
-    bufs = [(flat.master_flat, masters), *((t, flat.pieces()) for t in flat.state.values())]
-    if all(bool(torch.isfinite(b[off:off + n]).all()) for b, pieces in bufs for _, n, off in pieces):
+    runs = [(b, c0, off, n) for b, pieces in [(flat.master_flat, flat.owned_master_pieces()),
+                                              *((t, flat.pieces()) for t in flat.state.values())]
+            for c0, n, off in pieces]
+    if not runs:
+        return True
+    finite = torch.stack([torch.isfinite(b[off:off + n]).all() for b, _, off, n in runs])
+    if bool(finite.all()):  # one host read for the whole check
         return True
     bad = []
-    for b, pieces in bufs:
-        for c0, n, off in pieces:
-            if not bool(torch.isfinite(b[off:off + n]).all()):
-                name = engine.names[flat._param_at(c0)[0]]
-                if name not in bad:
-                    bad.append(name)
+    for (_, c0, _, _), ok in zip(runs, finite.tolist()):
+        name = engine.names[flat._param_at(c0)[0]]
+        if not ok and name not in bad:
+            bad.append(name)
     raise FloatingPointError(
         f"pyengine: not saving a checkpoint whose weights or optimizer state hold inf/NaN (first: "
-        f"{', '.join(bad[:5]) or 'the padding between them'}); the previous checkpoint is kept. Training has "
+        f"{', '.join(bad[:5])}); the previous checkpoint is kept. Training has "
         "diverged: lower the lr, check the data, or use bf16")
+
+
+def ranks_ok(engine, ok) -> list:
+    """Every rank's `ok`, by rank (a collective: all ranks call it)."""
+    return engine.comm.all_gather_int(int(bool(ok))) if engine.world_size > 1 else [int(bool(ok))]
 
 
 def _agree(engine, ok, what, error=None):
     """Every rank learns whether all succeeded (a collective: all ranks call it), and all
     raise if one did not: `error` where it happened, a note elsewhere."""
-    oks = engine.comm.all_gather_int(1 if ok else 0) if engine.world_size > 1 else [1 if ok else 0]
+    oks = ranks_ok(engine, ok)
     if all(oks):
         return
     if error is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from pyengine.checkfile import CheckpointError
+from pyengine.checkpoint import ranks_ok
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 log = logging.getLogger("pyengine.train")
@@ -62,7 +63,7 @@ def load_newest_good(engine, out):
         except (CheckpointError, OSError, RuntimeError, EOFError) as exc:
             error = exc
         # every rank resumes from the same checkpoint: one that failed to read anywhere is skipped everywhere
-        oks = engine.comm.all_gather_int(int(error is None)) if engine.world_size > 1 else [int(error is None)]
+        oks = ranks_ok(engine, error is None)
         if not all(oks):
             bad = [r for r, v in enumerate(oks) if not v]
             why = error if error is not None else f"it did not read back on rank(s) {bad}"
