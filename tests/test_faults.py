@@ -101,14 +101,14 @@ def test_ctrl_c_far_from_a_log_point_checkpoints_and_reports(tmp_path):
     out = tmp_path / "run"
     run = Run(*LONG, "--out", str(out))
     run.wait_training()
-    t0 = time.time()
     os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    # the next log point is 100000 steps away: a run that stopped only there would not end
+    # within finish()'s wait (it raises TimeoutExpired)
     code, err = run.finish()
     assert code == 130, err[-2000:]
-    assert time.time() - t0 < 60, "stops at the next step, not at the next log point"
     [ckpt] = checkpoints(out)
     steps = read(ckpt)["meta"]["boundaries"]
-    assert steps > 0 and (out / "report.md").exists()
+    assert 0 < steps < 100000 and (out / "report.md").exists()
     assert metric_steps(out) == list(range(1, steps + 1))
     assert f"--resume {out}" in err
 
@@ -197,10 +197,9 @@ def test_bad_inputs_are_refused_before_any_rank_starts(tmp_path, args, message):
     (tmp_path / "empty_dir" / "data.bin").write_bytes(b"\0")
     args = [a.replace("EMPTY_FILE", str(tmp_path / "empty.txt")).replace("EMPTY_DIR", str(tmp_path / "empty_dir"))
             for a in args]
-    t0 = time.time()
     res = cli(*TINY, "--steps", "2", "--out", str(tmp_path / "run"), *args, timeout=60)
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
-    assert time.time() - t0 < 30
+    assert not (tmp_path / "run").exists(), "no rank started, no run folder made"
 
 
 def test_resume_refuses_changes_to_what_the_run_computes_and_applies_the_others(tmp_path):
