@@ -5,6 +5,7 @@ Engine (which needs torch) is imported on first use.
 """
 from ._version import __version__
 from ._native import _C, _cuda, cuda_available
+from .errors import GradientAccessError, UsageError
 
 
 def build_info() -> dict:
@@ -43,4 +44,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyengine' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "EngineConfig", "build_info", "cuda_available", "set_num_threads", "__version__"]
+__all__ = ["Engine", "EngineConfig", "GradientAccessError", "UsageError", "build_info", "cuda_available", "set_num_threads", "__version__"]

@@ -31,6 +31,8 @@ from typing import Callable, List, Optional
 import torch
 from torch.utils._pytree import tree_flatten
 
+from .errors import GradientAccessError, UsageError  # noqa: F401 (re-exported)
+
 # torch functions on a gradient that read no values (shape queries, flags, properties)
 _METADATA = frozenset({
     "__get__", "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
@@ -52,10 +54,6 @@ def _all_attached(params, handles) -> bool:
 
 def _set_grads(params, values):
     deque(map(setattr, params, repeat("grad"), values), maxlen=0)
-
-
-class GradientAccessError(RuntimeError):
-    """User code used an engine-managed gradient in a way that would silently be wrong."""
 
 
 class EngineGrad(torch.Tensor):
