@@ -28,6 +28,7 @@ import torch
 from . import ops
 from .checkfile import CheckpointError, read_file, write_file
 from .flat import copy_runs
+from .optim import check_group
 
 CHECKPOINT_VERSION = 2
 __all__ = ["CheckpointError", "save", "load", "read", "state_dict", "load_state_dict", "optimizer_state_dict",
@@ -36,7 +37,8 @@ __all__ = ["CheckpointError", "save", "load", "read", "state_dict", "load_state_
 
 # -- save -----------------------------------------------------------------------------------------
 def save(engine, path, extra=None) -> str:
-    """Every rank calls it (collectives inside); returns the folder's path."""
+    """Every rank calls it (collectives inside); returns the folder's path. `engine`: the
+    Engine's parts (build.py), as in every function here."""
     if engine.micro_step != 0:
         raise RuntimeError(
             f"Engine.save: {engine.micro_step} micro-batch(es) of the current accumulation window are pending; "
@@ -143,7 +145,7 @@ def _gather_runs(t, pieces):
 def _meta(engine, extra):
     opt = engine.optimizer
     return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-            "steps": opt.steps.detach().cpu().clone(), "scaler": engine.scaler.state_dict(),
+            "param_steps": engine.counts.per_param().cpu().to(torch.int64), "scaler": engine.scaler.state_dict(),
             "boundaries": engine.boundary_steps,
             "model_buffers": {k: b.detach().cpu().clone() for k, b in engine.model.named_buffers()},
             "extra": dict(extra) if extra is not None else None}
@@ -182,9 +184,9 @@ def _replace_folder(new, final):
 
 # -- load -----------------------------------------------------------------------------------------
 def load(engine, path):
-    """Loads a checkpoint folder saved at any world size and stage; returns its `extra`."""
+    """Loads a checkpoint folder saved at any world size and stage; returns (its `extra`,
+    the boundary count), for the pipeline to start a fresh window."""
     path = os.fspath(path)
-    engine.wait_for_params()  # an all-gather in flight would land on the loaded weights
     if not os.path.isdir(path) and os.path.isdir(f"{path}.old"):
         path = f"{path}.old"  # a save was interrupted between its two renames
     if os.path.isfile(path):
@@ -203,6 +205,9 @@ def load(engine, path):
     flat = engine.flat
     meta = read_file(os.path.join(path, index["meta"]))
     _check_groups(engine, len(meta["param_groups"]), "Engine.load")
+    for s in index["states"]:
+        if s in engine.optimizer.spec.torch_states:
+            flat.add_state(s)  # SGD momentum buffers the checkpoint has and this engine has not made yet
     master_pieces, state_pieces = flat.master_pieces(), flat.pieces()
     states = list(flat.state)
     with torch.no_grad():
@@ -214,17 +219,14 @@ def load(engine, path):
             copy_runs(master, flat.param_flat, params)  # every parameter, cast: no all-gather needed
             for s in states:
                 copy_runs(_runs(shard["runs"], shard[s]), flat.state[s], state_pieces)
-        opt = engine.optimizer
-        opt.steps.copy_(meta["steps"].reshape(-1))
-        for g, saved in zip(opt.param_groups, meta["param_groups"]):
-            g.update(saved)
-        engine.scaler.load_state_dict(meta["scaler"])
+        _load_steps(engine, meta)
+        _load_groups(engine, meta["param_groups"])
+        engine.scaler.load_state_dict(meta["scaler"], index.get("config", {}).get("precision"))
         bufs = dict(engine.model.named_buffers())
         for k, b in meta["model_buffers"].items():
             if k in bufs:
                 bufs[k].copy_(b)
-    engine._after_load(int(meta["boundaries"]))
-    return meta.get("extra")
+    return meta.get("extra"), int(meta["boundaries"])
 
 
 def read(path) -> dict:
@@ -309,7 +311,7 @@ def state_dict(engine) -> dict:
             "kind": opt.spec.name,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
             "state": [{k: flat.view(v, i).clone().cpu() for k, v in flat.state.items()} for i in range(n)],
-            "steps": opt.steps.cpu().clone(),
+            "param_steps": engine.counts.per_param().cpu().to(torch.int64),
         },
         "scaler": engine.scaler.state_dict(),
         "boundaries": engine.boundary_steps,
@@ -317,9 +319,9 @@ def state_dict(engine) -> dict:
     }
 
 
-def load_state_dict(engine, sd: dict):
+def load_state_dict(engine, sd: dict) -> int:
+    """Returns the boundary count, for the pipeline to start a fresh window."""
     _unsharded(engine, "Engine.load_state_dict")
-    engine.wait_for_params()
     if not isinstance(sd, dict) or sd.get("version") != 1:
         raise ValueError("Engine.load_state_dict: not a pyengine state dict (from engine.state_dict()); a checkpoint "
                          "folder loads with engine.load(path)")
@@ -335,6 +337,9 @@ def load_state_dict(engine, sd: dict):
                          f"this engine uses {opt.spec.name!r}")
     _check_groups(engine, len(o["param_groups"]), "Engine.load_state_dict")
     flat = engine.flat
+    for s in {k for entry in o["state"] for k in entry}:
+        if s in opt.spec.torch_states:
+            flat.add_state(s)
     with torch.no_grad():
         for i, (name, m) in enumerate(zip(engine.names, sd["master"])):
             if m.numel() != flat.layout.slots[i].numel:
@@ -347,15 +352,14 @@ def load_state_dict(engine, sd: dict):
                 flat.view(v, i).copy_(o["state"][i][k].reshape(-1))
         if flat.master_separate:
             ops.cast_scale(flat.master_flat, flat.param_flat)
-        opt.steps.copy_(o["steps"].reshape(-1))
-        for g, saved in zip(opt.param_groups, o["param_groups"]):
-            g.update(saved)
-        engine.scaler.load_state_dict(sd["scaler"])
+        _load_steps(engine, o)
+        _load_groups(engine, o["param_groups"])
+        engine.scaler.load_state_dict(sd["scaler"], sd.get("config", {}).get("precision"))
         bufs = dict(engine.model.named_buffers())
         for k, b in sd.get("model_buffers", {}).items():
             if k in bufs:
                 bufs[k].copy_(b)
-    engine._after_load(int(sd.get("boundaries", 0)))
+    return int(sd.get("boundaries", 0))
 
 
 def _unsharded(engine, what):
@@ -373,14 +377,17 @@ def optimizer_state_dict(engine) -> dict:
     _unsharded(engine, "engine.optimizer.state_dict")
     opt, flat = engine.optimizer, engine.flat
     index = {id(p): i for i, p in enumerate(engine.params)}
+    steps = engine.counts.per_param().tolist()
+    counted = opt.spec.name != "sgd"  # torch.optim.SGD keeps no step count
     state, groups, k = {}, [], 0
     for gi, g in enumerate(opt.param_groups):
         ids = []
         for p in g["params"]:
             i = index[id(p)]
-            entry = {"step": opt.steps[gi].detach().clone().cpu()}
-            for name, torch_name in zip(flat.state, opt.spec.torch_states):
-                entry[torch_name] = flat.view(flat.state[name], i).detach().clone().cpu().view(p.shape)
+            entry = {"step": _step_tensor(steps[i])} if counted else {}
+            for name in opt.spec.torch_states:
+                if name in flat.state:
+                    entry[name] = flat.view(flat.state[name], i).detach().clone().cpu().view(p.shape)
             state[k] = entry
             ids.append(k)
             k += 1
@@ -399,16 +406,64 @@ def load_optimizer_state_dict(engine, sd: dict):
         raise ValueError("engine.optimizer.load_state_dict: the saved param groups do not match this engine's "
                          "(number of groups or of parameters per group)")
     index = {id(p): i for i, p in enumerate(engine.params)}
+    steps = engine.counts.per_param().tolist()
+    for saved, g in zip(sd["param_groups"], opt.param_groups):  # checked before anything is written
+        check_group(opt.spec, {**g, **{k: v for k, v in saved.items() if k != "params"}},
+                    "engine.optimizer.load_state_dict: param_groups")
+    for entry in sd["state"].values():
+        for s in entry:
+            if s in opt.spec.torch_states and entry[s] is not None:
+                flat.add_state(s)
     with torch.no_grad():
         for gi, (saved, g) in enumerate(zip(sd["param_groups"], opt.param_groups)):
             for k, p in zip(saved["params"], g["params"]):
                 entry = sd["state"].get(k)
-                if entry is None:
-                    continue
                 i = index[id(p)]
-                for name, torch_name in zip(flat.state, opt.spec.torch_states):
-                    if torch_name in entry:
-                        flat.view(flat.state[name], i).copy_(entry[torch_name].reshape(-1))
+                if entry is None:  # torch.optim has not stepped it: a fresh state
+                    for t in flat.state.values():
+                        flat.view(t, i).zero_()
+                    steps[i] = 0
+                    continue
+                for name in opt.spec.torch_states:
+                    if name in flat.state:
+                        if name in entry and entry[name] is not None:
+                            flat.view(flat.state[name], i).copy_(entry[name].reshape(-1))
+                        else:
+                            flat.view(flat.state[name], i).zero_()
                 if "step" in entry:
-                    opt.steps[gi] = float(entry["step"])
+                    steps[i] = int(float(entry["step"]))
             g.update({key: v for key, v in saved.items() if key != "params"})
+        engine.counts.load_per_param(steps)
+        _mark_born(engine)
+
+
+# -- step counts and param groups -------------------------------------------------------------
+def _step_tensor(step: int) -> torch.Tensor:
+    """A step count in torch.optim's format (a float32 tensor), exact above 2**24 too."""
+    return torch.tensor(float(step), dtype=torch.float32 if step <= 2**24 else torch.float64)
+
+
+def _load_steps(engine, saved):
+    """Per-parameter step counts (or, from older checkpoints, one per param group)."""
+    if "param_steps" in saved:
+        engine.counts.load_per_param([int(s) for s in saved["param_steps"].reshape(-1).tolist()])
+    else:
+        engine.counts.load_per_group([int(s) for s in saved["steps"].reshape(-1).tolist()])
+
+
+def _load_groups(engine, saved_groups):
+    opt = engine.optimizer
+    for saved, g in zip(saved_groups, opt.param_groups):
+        check_group(opt.spec, {**g, **saved}, "Engine.load: param_groups")
+    for g, saved in zip(opt.param_groups, saved_groups):
+        g.update(saved)
+    _mark_born(engine)
+
+
+def _mark_born(engine):
+    """SGD: the groups whose momentum is on have their buffers (loaded, or zero and counted)."""
+    key = engine.optimizer.spec.momentum_key
+    if key is not None and "momentum_buffer" in engine.flat.state:
+        for gi, g in enumerate(engine.optimizer.param_groups):
+            if g[key] > 0:
+                engine.counts.mark_born(gi)

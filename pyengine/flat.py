@@ -76,6 +76,12 @@ class FlatBuffers:
         self.master_flat = self.param_flat if self.param_dtype == torch.float32 else self._new(shard, torch.float32)
         self.state: Dict[str, torch.Tensor] = {name: self._new(shard, torch.float32) for name in state_names}
 
+    def add_state(self, name: str):
+        """A state buffer born after the build (SGD momentum turned on later): zeros."""
+        if name not in self.state:
+            shard = self.layout.shard_numel if self.sharded else self.layout.numel
+            self.state[name] = self._new(shard, torch.float32)
+
     @property
     def master_separate(self) -> bool:
         """fp32 master weights apart from the (half-precision) parameters."""

@@ -94,27 +94,29 @@ class GradGuard:
     """Keeps p.grad attached for the parameters of one FlatBuffers.
 
     inexact: None when p.grad holds the true gradient between backward and step (gradient
-    buffer in the param dtype, no loss scaling, one process); else why it does not.
-    on_ready(i): called when canonical parameter i's gradient has landed (data parallel).
-    accumulate(i, g): adds parameter i's half gradient g into its fp32 main-grad range.
+    buffer in the param dtype, no loss scaling, one process); else why it does not. It reads
+    the accumulation window's state (window.py) and never writes it but through the
+    pipeline's calls; the gradient hooks are the pipeline's (install_hooks).
     """
 
-    def __init__(self, flat, names: List[str], inexact: Optional[str],
-                 accumulate: Optional[Callable] = None, on_ready: Optional[Callable[[int], None]] = None):
+    def __init__(self, flat, names: List[str], inexact: Optional[str], window):
         self.flat = flat
         self.names = names
         self.inexact = inexact
+        self.window = window
         self.main = flat.main_grads
-        self._accumulate = accumulate
-        self.on_ready = on_ready
-        self.in_flight = False  # the boundary micro-batch's gradients are being communicated
-        self.dirty = False  # some micro-batch accumulated since the last clear
-        self.active = False  # inside engine.backward()
         self._hooks = []
         self.rebind()
-        if self.main or on_ready is not None:
-            for i, p in enumerate(flat.params):
-                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, i=i: self._landed(i, p)))
+
+    def install_hooks(self, landed: Callable):
+        """landed(i, p) runs when parameter i's gradient is complete for a backward."""
+        for i, p in enumerate(self.flat.params):
+            frozen = not p.requires_grad
+            if frozen:  # torch registers hooks only on tensors that require grad; kept once unfrozen
+                p.requires_grad_(True)
+            self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, i=i: landed(i, p)))
+            if frozen:
+                p.requires_grad_(False)
 
     def rebind(self):
         """New handles on the current buffers (after a relayout), attached as p.grad."""
@@ -150,38 +152,40 @@ class GradGuard:
                     p.grad = h
         if self.main:
             _set_grads(params, repeat(None))  # autograd hands the new gradient to the hook, not to +=
-        self.dirty = self.active = True
 
     def after_backward(self):
         """Puts the handles back where autograd left no gradient (unused parameters) or a
         backward failed part-way."""
-        self.active = False
         if self.main and not _all_attached(self.flat.params, self.handles):
             _set_grads(self.flat.params, self.handles)
 
-    def _landed(self, i, p):
-        """Post-accumulate hook: the gradient of parameter i is complete for this backward."""
-        if not self.active:
-            g, p.grad = p.grad, self.handles[i]
+    def landed(self, i, p):
+        """Parameter i's gradient is complete for this backward: returns the half gradient to
+        add into the fp32 main grads (None when autograd accumulated into the buffer itself)."""
+        h = self.handles[i]
+        if not self.window.in_backward:
+            g, p.grad = p.grad, h
             if self.main:  # what autograd left is not the engine's: nothing was added anywhere
                 raise GradientAccessError(
                     "pyengine: loss.backward() on a model the Engine trains; call engine.backward(loss) instead (it "
                     "applies the loss scale and the accumulation, and feeds the engine's gradient buffers)")
             self._take_user_grad(i, g)
-        elif self.main:
-            self._accumulate(i, p.grad)
-            p.grad = self.handles[i]
-        elif p.grad is not self.handles[i]:  # replaced during backward: take it in
-            self._take_user_grad(i, p.grad)
-            p.grad = self.handles[i]
-        if self.on_ready is not None:
-            self.on_ready(i)
+            return None
+        g = p.grad
+        if g is h:
+            return None
+        p.grad = h
+        if self.main:
+            return g
+        self._take_user_grad(i, g)  # replaced during backward: take it in
+        return None
 
     def _take_user_grad(self, i, g):
         dst = self.flat.grad_view(i)
         with torch.no_grad():
             if g is None:
-                if self.dirty:
+                self.window.forget((i,))
+                if self.window.dirty:
                     dst.zero_()
             else:
                 with torch._C.DisableTorchFunctionSubclass():
@@ -233,19 +237,29 @@ class GradGuard:
         return False
 
     # -- what EngineGrad asks ----------------------------------------------------------------
-    def clear(self, indices):
-        """zero_grad semantics: the gradient accumulated so far is discarded."""
-        if self.in_flight:
+    def clear(self, indices, to_none: bool = False):
+        """zero_grad semantics: the gradient accumulated so far is discarded (to_none: as if
+        set to None, so the parameters count as having received nothing in this window)."""
+        w = self.window
+        if w.in_flight:
             raise GradientAccessError(
                 "pyengine: gradients were cleared between engine.backward() and engine.step() while they are being "
                 "averaged across ranks. Clear them before backward (model.zero_grad() at the top of the loop), or not "
                 "at all: engine.step() clears them after each update")
+        if to_none and w.boundary_pending:
+            raise GradientAccessError(
+                "pyengine: zero_grad(set_to_none=True) between engine.backward() and the engine.step() that updates: "
+                "PyTorch would then skip every parameter in that step; pyengine cannot. Clear gradients before "
+                "backward (zero_grad() at the top of the loop), or not at all: engine.step() clears them after each "
+                "update (zero_grad(set_to_none=False) here steps with zero gradients, as in PyTorch)")
         with torch.no_grad():
             if len(indices) == len(self.handles):
                 self.flat.grad_flat.zero_()
             else:
                 for i in indices:
                     self.flat.grad_view(i).zero_()
+        if to_none:
+            w.forget(indices)
 
     def moved(self, i):
         """Module.to()/.cuda()/.half() converts each parameter, then its .grad: the parameters
@@ -256,7 +270,7 @@ class GradGuard:
             "cast the model before building the Engine")
 
     def check_use(self, what, i):
-        if self.inexact is not None or self.in_flight:
+        if self.inexact is not None or self.window.in_flight:
             reason = self.inexact or "the gradients are being averaged across ranks until engine.step()"
             raise GradientAccessError(
                 f"pyengine: {what}() on the .grad of {self.names[i]}: {reason}, so it would compute the wrong "

@@ -48,7 +48,7 @@ class StepGraph:
         """One training step on whatever the static inputs hold now."""
         e = self.engine
         e.plan.sync_hyper(torch.cuda.current_stream(e.device).cuda_stream)
-        e._check_skip_run()
+        e._pipeline.check_skip_run()
         self.graph.replay()
-        e._boundaries += 1
+        e.window.boundaries += 1
         return StepResult(True, e.scalars.found_inf)

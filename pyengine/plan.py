@@ -31,12 +31,10 @@ def current_stream(device: torch.device) -> int:
 
 
 class _Pass:
-    """One fused optimizer pass: one contiguous range of one param group."""
+    """One fused optimizer pass: one contiguous range of one cohort of one param group."""
 
-    def __init__(self, group, fn, args):
-        self.group = group
-        self.fn = fn
-        self.args = args
+    def __init__(self, group, cohort, fn, args):
+        self.group, self.cohort, self.fn, self.args = group, cohort, fn, args
 
 
 class _Group:
@@ -44,7 +42,7 @@ class _Group:
 
     def __init__(self, index, spec, hyper_ptr):
         self.index, self.spec, self.hyper_ptr = index, spec, hyper_ptr
-        self.read = itemgetter(*spec.group_keys)  # the group's values as one tuple, in C
+        self.read = itemgetter(*spec.watched)  # the group's values as one tuple, in C
         self.values = None
         self.config = None
 
@@ -56,7 +54,7 @@ class StepPlan:
     in another dtype under data parallel); zero_in_pass: the optimizer clears it as it reads.
     """
 
-    def __init__(self, mod, flat, scalars, scaler, optimizer, opt_grads, zero_in_pass, max_norm, main_grads,
+    def __init__(self, mod, flat, scalars, scaler, optimizer, counts, opt_grads, zero_in_pass, max_norm, main_grads,
                  bucket_rows=None, combine=None):
         self.mod = mod
         self.device = flat.device
@@ -85,41 +83,83 @@ class StepPlan:
         self._scalar_args = a
         if combine is not None:
             self._local, self._global = _with_phase(mod, a, STEP_LOCAL), _with_phase(mod, a, STEP_GLOBAL)
-        ptr = scalars.ptr
         self.zero_in_pass = zero_in_pass
         self._clear_grads = (g.data_ptr(), dtype_code(g), g.numel(), 0.0)
-        fn = getattr(mod, optimizer.spec.native)
-        states = [flat.state[name] for name in optimizer.spec.states(optimizer.param_groups)]
+        self._grad_code = dtype_code(g)
+        self._flat, self._opt_grads, self._optimizer, self._counts = flat, opt_grads, optimizer, counts
+        self._fn = getattr(mod, optimizer.spec.native)
+        self._grad_coef, self._found_inf = scalars.ptr("grad_coef"), scalars.ptr("found_inf")
         # each group's float hyper-parameters in device memory (see core.h, kHyperSlots)
         self.hyper = torch.zeros(len(optimizer.param_groups), HYPER_SLOTS, dtype=torch.float32, device=flat.device)
         self.groups = [_Group(gi, optimizer.spec, _at(self.hyper, gi * HYPER_SLOTS))
                        for gi in range(len(optimizer.param_groups))]
-        # (group, offset in the whole buffers, offset in the state buffers, length) of each pass:
-        # one per group, or, with sharded state, one per bucket slice this rank owns
+        # (group, offset in the whole buffers, offset in the state buffers, length) of each range
+        # the optimizer covers: one per group, or, with sharded state, one per owned bucket slice
         if flat.sharded:
             ranges = [(o.group, o.start, o.local, o.numel) for o in flat.layout.owned(flat.rank)]
         else:
             ranges = [(gi, sp.start, sp.start, sp.numel) for gi, sp in enumerate(flat.layout.groups)]
-        ranges = [r for r in ranges if r[3] > 0]
-        last = {r[0]: k for k, r in enumerate(ranges)}  # a group's step count advances once
-        self.passes = []
-        for k, (gi, at, local, n) in enumerate(ranges):
-            a = mod.OptimizerArgs()
+        self._ranges = [r for r in ranges if r[3] > 0]
+        self._cache = {}
+        # fp32 main grads: where each parameter's half gradient is added (grads.py's hook)
+        self._main = [(_at(g, s.offset), s.numel) for s in flat.layout.slots] if main_grads else None
+
+    @property
+    def passes(self) -> list:
+        """The passes of a step that updates every parameter."""
+        return self.passes_for(())
+
+    # -- the passes ----------------------------------------------------------------------------
+    def passes_for(self, skipped: tuple) -> list:
+        """The fused passes of a step that leaves the parameters `skipped` (canonical indices,
+        sorted) untouched: contiguous runs of one cohort each (counts.py, Note [cohorts]).
+        Cached by what they depend on."""
+        key = (skipped, self._counts.version, len(self._flat.state))
+        passes = self._cache.get(key)
+        if passes is None:
+            if len(self._cache) > 16:
+                self._cache.clear()
+            passes = self._cache[key] = self._build_passes(set(skipped))
+        return passes
+
+    def _build_passes(self, skipped) -> list:
+        flat, counts, layout = self._flat, self._counts, self._flat.layout
+        cohort = counts.cohort
+        runs = []  # (group, cohort, start in whole buffers, start in state buffers, length)
+        for gi, at, local, n in self._ranges:
+            pieces = layout.segments(at, at + n)
+            if not skipped and len({cohort[i] for i, _, _, _ in pieces}) <= 1:
+                runs.append((gi, cohort[pieces[0][0]] if pieces else gi, at, local, n))  # the whole range
+                continue
+            cur = None
+            for i, _, f0, m in pieces:
+                if i in skipped:
+                    cur = None
+                    continue
+                if cur is not None and cur[1] == cohort[i]:
+                    cur[4] = f0 + m - cur[2]
+                else:
+                    cur = [gi, cohort[i], f0, local + (f0 - at), m]
+                    runs.append(cur)
+        last = {r[1]: k for k, r in enumerate(runs)}  # a cohort's count advances once, at its last run
+        states = [flat.state[name] for name in self._optimizer.spec.torch_states if name in flat.state]
+        opt_grads = self._opt_grads
+        passes = []
+        for k, (gi, c, at, local, n) in enumerate(runs):
+            a = self.mod.OptimizerArgs()
             a.master = _at(flat.master_flat, local if flat.master_separate else at)
             a.state1 = _at(states[0], local) if len(states) > 0 else 0
             a.state2 = _at(states[1], local) if len(states) > 1 else 0
-            a.grad, a.grad_dtype, a.zero_grad = _at(opt_grads, at), dtype_code(opt_grads), zero_in_pass
+            a.grad, a.grad_dtype, a.zero_grad = _at(opt_grads, at), dtype_code(opt_grads), self.zero_in_pass
             if flat.master_separate:
                 a.model, a.model_dtype = _at(flat.param_flat, at), dtype_code(flat.param_flat)
             a.n = n
-            a.grad_scale, a.found_inf = ptr("grad_coef"), ptr("found_inf")
-            a.step = _at(optimizer.steps, gi)
+            a.grad_scale, a.found_inf = self._grad_coef, self._found_inf
+            a.step = counts.counter_ptr(c)
             a.hyper = self.groups[gi].hyper_ptr
-            a.advance_step = last[gi] == k
-            self.passes.append(_Pass(self.groups[gi], fn, a))
-        self._optimizer = optimizer
-        # fp32 main grads: where each parameter's half gradient is added (grads.py's hook)
-        self._main = [(_at(g, s.offset), s.numel) for s in flat.layout.slots] if main_grads else None
+            a.advance_step = last[c] == k
+            passes.append(_Pass(self.groups[gi], c, self._fn, a))
+        return passes
 
     # -- the hot path ------------------------------------------------------------------------
     def stream(self) -> int:
@@ -145,15 +185,40 @@ class StepPlan:
             values = g.read(group)
             if values != g.values:  # first step, or a scheduler / the user changed a value
                 checked = check_group(g.spec, group, f"engine.optimizer.param_groups[{g.index}]")
+                if g.spec.momentum_key is not None and checked[g.spec.momentum_key] > 0:
+                    self._momentum_born(g.index)
                 g.config, g.values = g.spec.config(self.mod, checked), values
                 self.mod.set_scalars(g.hyper_ptr, g.spec.hyper(checked), stream)
 
-    def update(self, stream):
-        """One fused optimizer pass per non-empty param group (per owned bucket slice when the
-        state is sharded)."""
+    def _momentum_born(self, group):
+        """SGD momentum turned on for a group (at the first step, or later as
+        OneCycleLR(cycle_momentum=True) does): its buffers exist from now on, and their first
+        step takes the gradient itself, as torch.optim.SGD's do."""
+        self._flat.add_state("momentum_buffer")  # the passes key on the state buffers: rebuilt
+        self._counts.restart(group)
+
+    def update(self, stream, skipped: tuple = ()):
+        """One fused optimizer pass per contiguous run of one cohort of the parameters not
+        `skipped` (per owned bucket slice when the state is sharded)."""
         self.sync_hyper(stream)
-        for p in self.passes:
+        passes = self.passes_for(skipped)
+        if skipped:
+            before = self._counts.version
+            self._counts.split(skipped, {p.cohort for p in passes})  # before the passes advance the counts
+            if self._counts.version != before:
+                passes = self.passes_for(skipped)
+        for p in passes:
             p.fn(p.args, p.group.config, stream)
+        if skipped and self.zero_in_pass:
+            self.clear_params(skipped, stream)
+
+    def clear_params(self, indices, stream):
+        """Clears the gradients of the parameters a step left out (the passes clear the rest)."""
+        g, code = self._flat.grad_flat, self._grad_code
+        for i in indices:
+            s = self._flat.layout.slots[i]
+            if s.numel:
+                self.mod.fill(_at(g, s.offset), code, s.numel, 0.0, stream)
 
     def zero_grads(self, stream):
         """Clears the gradient buffer when the optimizer pass did not."""

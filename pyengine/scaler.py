@@ -15,6 +15,7 @@ from .scalars import LOSS_SCALE_SLOTS, LOSS_SCALE_STATE_SIZE
 class LossScaler:
     def __init__(self, cfg, scalars, mod):
         self.scalars = scalars
+        self.precision = cfg.precision
         if cfg.precision != "fp16":
             initial, self.dynamic = 1.0, False
         elif cfg.loss_scale == "dynamic":
@@ -22,6 +23,7 @@ class LossScaler:
         else:
             initial, self.dynamic = float(cfg.loss_scale), False
         self.active = cfg.precision == "fp16" and initial != 1.0 or self.dynamic
+        self._initial = (initial, cfg.hysteresis)
         scalars.reset_loss_scale(initial, cfg.hysteresis)
         if self.dynamic:
             self.config = ops.loss_scale_config(mod, 2.0, 0.5, cfg.min_loss_scale, cfg.max_loss_scale,
@@ -52,9 +54,24 @@ class LossScaler:
         return float(getattr(self.scalars, name))
 
     def state_dict(self):
-        return {"state": self.scalars.loss_scale_state.cpu().clone(), "dynamic": self.dynamic}
+        return {"state": self.scalars.loss_scale_state.cpu().clone(), "dynamic": self.dynamic,
+                "precision": self.precision}
 
-    def load_state_dict(self, sd):
-        self.scalars.loss_scale_state.copy_(sd["state"].to(self.scalars.tensor.device))
+    def load_state_dict(self, sd, saved_precision=None):
+        """Loads a saved scaler state. Note: the scale belongs to the precision it was found
+        for: an fp16 scale imported into an fp32 or bf16 engine would multiply its gradients,
+        and bf16's scale of 1 would let an fp16 engine's gradients underflow. So the scale, its
+        growth tracker and hysteresis are taken only from an fp16 checkpoint into an fp16
+        engine; otherwise the engine keeps its own starting values and carries the skipped-step
+        count (so global_step stays right)."""
+        saved = sd.get("precision", saved_precision)
+        state = sd["state"].to(self.scalars.tensor.device)
+        if saved is not None and (saved == "fp16") != (self.precision == "fp16"):
+            k = LOSS_SCALE_SLOTS["skipped_total"]
+            skipped = state[k].clone()
+            self.scalars.reset_loss_scale(*self._initial)
+            state = self.scalars.loss_scale_state.clone()
+            state[k] = skipped
+        self.scalars.loss_scale_state.copy_(state)
         if self.host_mirror is not None:
-            self.host_mirror.copy_(sd["state"])
+            self.host_mirror.copy_(state.cpu())

@@ -301,7 +301,7 @@ def test_errors_are_clear():
     m = mlp()
     with pytest.raises(ValueError, match="appears in param_groups"):
         Engine(m, EngineConfig(), param_groups=[{"params": list(m.parameters())}, {"params": [m[0].weight]}])
-    with pytest.raises(ValueError, match="not a trainable parameter of the model"):
+    with pytest.raises(ValueError, match="not a parameter of the model"):
         Engine(mlp(), EngineConfig(), param_groups=[{"params": list(mlp().parameters())}])
 
 

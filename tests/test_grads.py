@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+
+import pyengine
 import torch.nn.functional as F
 
 from conftest import assert_close
@@ -145,14 +147,24 @@ def test_reading_grads_in_fp32_gives_the_true_gradient():
         e.step()
 
 
-def test_another_optimizer_step_on_engine_grads_raises_where_not_final():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.AdamW])
+def test_another_optimizer_step_is_refused_before_it_writes(precision, kind):
+    """In fp32 p.grad holds the true gradient, so another optimizer could run: it would move
+    the weights beside the engine's update. Refused at its step(), every precision."""
     m = model()
-    e = Engine(m, EngineConfig(precision="bf16"))
-    other = torch.optim.SGD(m.parameters(), lr=0.1)
+    e = Engine(m, EngineConfig(precision=precision))
+    other = kind(m.parameters(), lr=0.1)
     x, y = data(1)[0]
-    e.backward(F.mse_loss(m(x.bfloat16()), y.bfloat16()))
-    with pytest.raises(GradientAccessError, match="engine.step"):
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    e.backward(F.mse_loss(m(x.to(dt)), y.to(dt)))
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(pyengine.UsageError, match=r"engine.step\(\) alone"):
         other.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters())), "nothing written"
+    assert e.step(), "the engine goes on"
+    e.close()
+    other.step()  # parameters no engine trains any more: torch's business
 
 
 def test_engine_optimizer_step_alone_raises():
@@ -242,7 +254,7 @@ def test_scheduler_writes_a_bad_lr_clear_error():
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_casting_the_model_after_engine_raises_at_the_call(precision):
     m = model()
-    Engine(m, EngineConfig(precision=precision))
+    e = Engine(m, EngineConfig(precision=precision))  # noqa: F841 (kept alive: it trains the model)
     m.to("cpu")  # already there: a no-op, allowed
     with pytest.raises(RuntimeError, match=r"moved or cast .* after Engine\(\.\.\.\)"):
         m.double()

@@ -131,11 +131,13 @@ class Reducer:
         for k in launch:
             self.overlap.launch(self.works[k])
 
-    def end_of_backward(self):
-        """After autograd: parameters that got no gradient."""
+    def end_of_backward(self, frozen=()):
+        """After autograd: parameters that got no gradient (the `frozen` ones, frozen with
+        requires_grad_(False) since the Engine was built, are expected to get none)."""
         if not self.tracker.armed:
             return
-        missing = self.tracker.missing()
+        frozen = set(frozen)
+        missing = [i for i in self.tracker.missing() if i not in frozen]
         if missing and not self.cfg.find_unused_parameters:
             self.abort()
             names = ", ".join(self.names[i] for i in missing[:8])
@@ -162,6 +164,14 @@ class Reducer:
         """A failed backward: forget this window's communication."""
         self.tracker.disarm()
         self.overlap.abandon()
+
+    def global_used(self, used: bytearray) -> bytearray:
+        """find_unused_parameters: which parameters received a gradient on any rank in this
+        window (a parameter none used is skipped, as DDP leaves its .grad None). One tiny
+        allreduce and a host read, as DDP's unused-parameter bitmap."""
+        t = torch.frombuffer(bytes(used), dtype=torch.uint8).to(self.flat.device, torch.float32)
+        self.comm.allreduce(t, average=False).wait()
+        return bytearray((t.cpu() > 0).to(torch.uint8).numpy().tobytes())
 
     def take_rebuild_order(self):
         return self.tracker.take_ready_order()
