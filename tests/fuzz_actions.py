@@ -65,7 +65,7 @@ ROWS = {
 class Divergence(AssertionError):
     def __init__(self, row, msg):
         super().__init__(f"[row {row}: {ROWS.get(row, '?')}] {msg}")
-        self.row = row
+        self.row, self.msg = row, msg
 
 
 class StopProgram(Exception):
@@ -493,7 +493,7 @@ class Runner:
             except StopProgram:
                 return self.log
             except Divergence as d:
-                raise Divergence(d.row, f"action {n} {act!r}: {d.args[0]}") from d
+                raise Divergence(d.row, f"action {n} {act!r}: {d.msg}") from d
         return self.log
 
     def act_train(self, micros):
@@ -819,7 +819,7 @@ class Runner:
             try:
                 self.check_state(n, est.get(n), self.torch_state(n), exact=True)
             except Divergence as d:
-                raise Divergence(d.row, f"{when}: {d.args[0]}") from None
+                raise Divergence(d.row, f"{when}: {d.msg}") from None
 
     # -- the other actions ----------------------------------------------------------------------
     def act_set(self, gi, key, value):

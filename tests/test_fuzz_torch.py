@@ -30,7 +30,7 @@ BF16_EXAMPLES = int(os.environ.get("PYENGINE_FUZZ_BF16_EXAMPLES", str(max(1, EXA
 DDP_SPAWNS = int(os.environ.get("PYENGINE_FUZZ_DDP_SPAWNS", "3"))
 DDP_PROGRAMS = 8
 
-COMMON = dict(deadline=None, database=None, print_blob=True,
+COMMON = dict(deadline=None, database=None, print_blob=True, report_multiple_bugs=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 
 
