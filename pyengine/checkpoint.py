@@ -432,6 +432,8 @@ def load_optimizer_state_dict(engine, sd: dict):
                             flat.view(flat.state[name], i).zero_()
                 if "step" in entry:
                     steps[i] = int(float(entry["step"]))
+                elif entry.get("momentum_buffer") is not None:
+                    steps[i] = max(steps[i], 1)  # SGD keeps no count: a buffer that exists is past its first step
             g.update({key: v for key, v in saved.items() if key != "params"})
         engine.counts.load_per_param(steps)
         _mark_born(engine)

@@ -263,8 +263,9 @@ class GradGuard:
 
     def moved(self, i):
         """Module.to()/.cuda()/.half() converts each parameter, then its .grad: the parameters
-        would leave the engine's buffers and train nothing."""
-        raise RuntimeError(
+        would leave the engine's buffers and train nothing (module_guard.py puts back what
+        torch had already converted)."""
+        raise UsageError(
             f"pyengine: the model is being moved or cast (.to(), .cuda(), .half(), ...) after Engine(...) took over its "
             f"parameters ({self.names[i]} and the others would leave the engine's buffers and stop training). Move or "
             "cast the model before building the Engine")

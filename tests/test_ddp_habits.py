@@ -91,3 +91,47 @@ def test_habits_on_two_ranks(precision):
         assert "averaged across ranks" in r["errors"]["zero_grad after backward"]
         assert "EngineConfig(clip_grad_norm=...)" in r["errors"]["clip_grad_norm_"]
     assert torch.equal(out[0]["params"]["none"], out[1]["params"]["none"]), "ranks agree"
+
+
+def skipped_rank(rank, world, zero_stage):
+    from pyengine import Engine, EngineConfig
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Linear(6, 8)
+            self.b = torch.nn.Linear(8, 3)
+            self.c = torch.nn.Linear(6, 3)  # used on odd steps only
+
+        def forward(self, x, use_c):
+            return self.b(torch.tanh(self.a(x))) + (self.c(x) if use_c else 0)
+
+    m = Net()
+    e = Engine(m, EngineConfig(lr=0.05, weight_decay=0.1, find_unused_parameters=True, zero_stage=zero_stage,
+                               bucket_mb=1e-4, first_bucket_mb=1e-4))
+    frozen_at = {}
+    for k in range(8):
+        if k == 2:
+            m.a.requires_grad_(False)
+            frozen_at = {n: p.detach().clone() for n, p in m.a.named_parameters()}
+        if k == 5:
+            for n, p in m.a.named_parameters():
+                assert torch.equal(p.detach(), frozen_at[n]), f"a.{n} moved while frozen"
+            m.a.requires_grad_(True)
+        g = torch.Generator().manual_seed(100 * k + rank)
+        x, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+        e.backward(F.mse_loss(m(x, use_c=k % 2 == 1), y))
+        e.step()
+    steps = e.counts.per_param().tolist()
+    return {"steps": steps, "params": torch.cat([p.detach().flatten() for p in m.parameters()])}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_frozen_and_unused_parameters_are_skipped_on_two_ranks(zero_stage):
+    """As torch.optim behind DDP(find_unused_parameters=True): a layer frozen after the build
+    and a parameter no rank used keep their weights and their step counts."""
+    out = ok(run_ranks(skipped_rank, 2, zero_stage), 2)
+    for r in out:
+        assert r["steps"] == [5, 5, 8, 8, 4, 4], r["steps"]  # a: 3 steps frozen; c: used on 4 of 8
+    assert torch.equal(out[0]["params"], out[1]["params"]), "ranks agree"

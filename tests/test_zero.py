@@ -155,7 +155,7 @@ def test_checkpoint_of_2_ranks_zero1_continues_at_other_world_sizes_and_stages(t
     before, after = read(ckpt), read(again)
     for name in ("master", "exp_avg", "exp_avg_sq"):
         assert torch.equal(before[name], after[name]), name
-    assert torch.equal(before["meta"]["steps"], after["meta"]["steps"])
+    assert torch.equal(before["meta"]["param_steps"], after["meta"]["param_steps"])
     assert torch.equal(before["meta"]["scaler"]["state"], after["meta"]["scaler"]["state"])
     assert before["meta"]["scaler"]["dynamic"] == after["meta"]["scaler"]["dynamic"]
     assert after["index"]["world_size"] == world
