@@ -17,7 +17,7 @@ from ._arrays import DTYPE_NAMES, F32, ArrayView, _current_cuda_device, _torch_d
 
 __all__ = [
     "accumulate_", "fill_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",
-    "sgd_step", "update_loss_scale", "new_loss_scale_state", "flatten", "unflatten",
+    "sgd_step", "lion_step", "update_loss_scale", "new_loss_scale_state", "flatten", "unflatten",
     "sumsq_workspace", "FlatCopy", "LOSS_SCALE_STATE_SIZE",
 ]
 
@@ -399,6 +399,24 @@ def sgd_step(master, grad, step, *, lr, momentum=0.0, dampening=0.0, weight_deca
         master, grad, step, model, grad_scale, found_inf, [("momentum_buf", momentum_buf)], zero_grad)
     values = dict(lr=lr, momentum=mom, dampening=damp, weight_decay=wd, nesterov=bool(nesterov), maximize=mx)
     _run_optimizer("sgd", p, states, g, zero_grad, mo, gs, fi, st, values)
+
+
+def lion_step(master, exp_avg, grad, step, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
+              grad_scale=None, found_inf=None, model=None, zero_grad=False):
+    """One fused Lion step (Chen et al. 2023; the formulas of lion-pytorch):
+    p *= 1 - lr*weight_decay; p -= lr * sign(beta1*m + (1-beta1)*g); m = beta2*m + (1-beta2)*g.
+
+    g = grad * grad_scale (negated when maximize); found_inf, model, step and zero_grad as in
+    adam_step (the step count is kept, though Lion's update does not depend on it).
+    """
+    lr = _float(lr, "lr", lo=0.0)
+    b1, b2 = _betas(betas, hi_open=False)
+    wd = _float(weight_decay, "weight_decay", lo=0.0)
+    mx = _bool("maximize", maximize)
+    p, g, st, mo, gs, fi, states = _optimizer_views(
+        master, grad, step, model, grad_scale, found_inf, [("exp_avg", exp_avg)], zero_grad)
+    values = dict(lr=lr, beta1=b1, beta2=b2, weight_decay=wd, maximize=mx)
+    _run_optimizer("lion", p, states, g, zero_grad, mo, gs, fi, st, values)
 
 
 def new_loss_scale_state(initial_scale, hysteresis, like):
