@@ -330,9 +330,8 @@ def _hyper_block(L, ref, optimizer, values):
     """A device float32 block holding `values` in the core's slot order for `optimizer`,
     written on the call's stream (no host sync). It lives until the pass has read it: the
     allocators hand memory back in stream order."""
-    names = _HYPER_NAMES[optimizer]
-    block = _alloc_f32(ref, _HYPER_SLOTS)
-    L.mod.set_scalars(_arr(block, "hyper", True).ptr, [float(values[n]) for n in names], L.stream)
+    block = _arr(_alloc_f32(ref, _HYPER_SLOTS), "hyper", True)
+    L.mod.set_scalars(block.ptr, [float(values[n]) for n in _HYPER_NAMES[optimizer]], L.stream)
     return block
 
 
@@ -344,8 +343,8 @@ def _run_optimizer(optimizer, p, states, g, zero_grad, mo, gs, fi, st, values):
         a.grad, a.grad_dtype, a.zero_grad = g.ptr, g.dtype, bool(zero_grad)
         a.model, a.model_dtype = _ptr(mo), mo.dtype if mo else F32
         a.n, a.grad_scale, a.found_inf, a.step = p.numel, _ptr(gs), _ptr(fi), st.ptr
-        hyper = _hyper_block(L, p, optimizer, values)
-        a.hyper = _arr(hyper, "hyper").ptr
+        hyper = _hyper_block(L, p, optimizer, values)  # kept alive until the call returns
+        a.hyper = hyper.ptr
         getattr(L.mod, f"{optimizer}_step")(a, L.stream)
 
 
