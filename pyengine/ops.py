@@ -4,24 +4,28 @@
 Every op checks device, dtype, contiguity, sizes and overlapping buffers and raises a
 ValueError/TypeError naming the argument. On CUDA the kernels run on the current stream
 and nothing here synchronizes with the host. Device-resident scalars (`found_inf`,
-`sumsq`, `inv_scale`, `grad_scale`, `step`, the loss-scale `state`) are float32 arrays on
-the same device as the data.
+`sumsq`, `inv_scale`, `grad_scale`, the loss-scale `state`) are float32 arrays on the same
+device as the data; an optimizer's `step` counter is a one-element int64 array there.
 """
 import math
+from dataclasses import dataclass, field
 from operator import attrgetter, methodcaller
 
 from . import _native
-from ._checks import check_number
-from ._arrays import DTYPE_NAMES, F32, ArrayView, _torch_dtype_code, view
+from ._checks import _bool, check_number
+from ._arrays import DTYPE_NAMES, F32, ArrayView, _current_cuda_device, _torch_dtype_code, view
 
 __all__ = [
     "accumulate_", "fill_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",
-    "sgd_step", "update_loss_scale", "new_loss_scale_state", "flatten", "unflatten",
+    "sgd_step", "lion_step", "update_loss_scale", "new_loss_scale_state", "flatten", "unflatten",
     "sumsq_workspace", "FlatCopy", "LOSS_SCALE_STATE_SIZE",
 ]
 
 LOSS_SCALE_STATE_SIZE = _native._C.LOSS_SCALE_STATE_SIZE
 _REDUCE_CHUNK = _native._C.REDUCE_CHUNK
+_HYPER_SLOTS = _native._C.HYPER_SLOTS
+# name -> the hyper block's slot names, in the core's order (csrc/optimizers.def)
+_HYPER_NAMES = {o["name"]: o["hyper"] for o in _native._C.OPTIMIZERS}
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,10 +246,76 @@ def clip_coef(sumsq, max_norm, out, inv_scale=None):
     return out
 
 
+@dataclass(frozen=True)
+class _CounterView:
+    """An int64 step counter, described like an ArrayView for the device and overlap checks."""
+    name: str
+    ptr: int
+    numel: int
+    device: tuple
+    kind: str
+    obj: object
+    nbytes: int = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "nbytes", self.numel * 8)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device[0] == "cuda"
+
+    def device_str(self) -> str:
+        return "cpu" if not self.is_cuda else f"cuda:{self.device[1]}"
+
+
+_INT64_TYPESTRS = ("<i8", "=i8", "|i8")
+
+
+def _step_counter(x, name="step"):
+    """The optimizer's step count: a writable one-element int64 array (an exact integer)."""
+    hint = "use an int64 tensor, e.g. torch.zeros(1, dtype=torch.int64): a float32 count stops at 2**24"
+    mod = type(x).__module__ or ""
+    if mod.startswith("torch"):
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            if x.dtype != torch.int64:
+                raise TypeError(f"{name}: expected an int64 step counter, got {x.dtype}; {hint}")
+            if not x.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous() first)")
+            if x.numel() < 1:
+                raise ValueError(f"{name}: expected an int64 array of at least 1 element(s), got 0")
+            if x.device.type == "cuda":
+                dev = ("cuda", x.device.index if x.device.index is not None else torch.cuda.current_device())
+            elif x.device.type == "cpu":
+                dev = ("cpu", -1)
+            else:
+                raise ValueError(f"{name}: tensors on {x.device.type} are not supported (use cpu or cuda)")
+            return _CounterView(name, x.data_ptr(), 1, dev, "torch", x)
+    iface = getattr(x, "__cuda_array_interface__", None)
+    kind = "cai"
+    if iface is None:
+        iface = getattr(x, "__array_interface__", None)
+        kind = "host"
+    if iface is None:
+        raise TypeError(f"{name}: expected a torch tensor, a CUDA array or a host array, got {type(x).__name__}")
+    if iface["typestr"] not in _INT64_TYPESTRS:
+        raise TypeError(f"{name}: expected an int64 step counter, got typestr {iface['typestr']!r}; {hint}")
+    ptr, readonly = iface["data"]
+    if readonly:
+        raise ValueError(f"{name}: the array is read-only")
+    if math.prod(iface["shape"]) < 1:
+        raise ValueError(f"{name}: expected an int64 array of at least 1 element(s), got 0")
+    if kind == "host":
+        return _CounterView(name, ptr or 0, 1, ("cpu", -1), kind, x)
+    index = getattr(getattr(x, "device", None), "id", None)
+    return _CounterView(name, ptr or 0, 1, ("cuda", _current_cuda_device() if index is None else index), kind, x)
+
+
 def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state, zero_grad):
     p = _arr(master, "master", True, (F32,))
     g = _arr(grad, "grad", writable=zero_grad)
-    st = _scalar(step, "step", writable=True)
+    st = _step_counter(step)
     mo = _opt(model, "model", writable=True)
     gs = _scalar(grad_scale, "grad_scale")
     fi = _scalar(found_inf, "found_inf")
@@ -256,39 +326,54 @@ def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state, ze
     return p, g, st, mo, gs, fi, states
 
 
-def _optimizer_args(mod, master, state1, state2, grad, zero_grad, model, grad_scale, found_inf, step):
-    a = mod.OptimizerArgs()
-    a.master, a.state1, a.state2 = master.ptr, _ptr(state1), _ptr(state2)
-    a.grad, a.grad_dtype, a.zero_grad = grad.ptr, grad.dtype, bool(zero_grad)
-    a.model, a.model_dtype = _ptr(model), model.dtype if model else F32
-    a.n, a.grad_scale, a.found_inf, a.step = master.numel, _ptr(grad_scale), _ptr(found_inf), step.ptr
-    return a
+def _hyper_block(L, ref, optimizer, values):
+    """A device float32 block holding `values` in the core's slot order for `optimizer`,
+    written on the call's stream (no host sync). It lives until the pass has read it: the
+    allocators hand memory back in stream order."""
+    block = _arr(_alloc_f32(ref, _HYPER_SLOTS), "hyper", True)
+    L.mod.set_scalars(block.ptr, [float(values[n]) for n in _HYPER_NAMES[optimizer]], L.stream)
+    return block
+
+
+def _run_optimizer(optimizer, p, states, g, zero_grad, mo, gs, fi, st, values):
+    with _Launch(p) as L:
+        a = L.mod.OptimizerArgs()
+        s1, s2 = (list(states) + [None, None])[:2]
+        a.master, a.state1, a.state2 = p.ptr, _ptr(s1), _ptr(s2)
+        a.grad, a.grad_dtype, a.zero_grad = g.ptr, g.dtype, bool(zero_grad)
+        a.model, a.model_dtype = _ptr(mo), mo.dtype if mo else F32
+        a.n, a.grad_scale, a.found_inf, a.step = p.numel, _ptr(gs), _ptr(fi), st.ptr
+        hyper = _hyper_block(L, p, optimizer, values)  # kept alive until the call returns
+        a.hyper = hyper.ptr
+        getattr(L.mod, f"{optimizer}_step")(a, L.stream)
+
+
+def _betas(betas, hi_open=True):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError("betas: expected a pair (beta1, beta2)")
+    return tuple(_float(b, f"betas[{k}]", lo=0.0, hi=1.0, hi_open=hi_open) for k, b in enumerate(betas))
 
 
 def adam_step(master, exp_avg, exp_avg_sq, grad, step, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-              decoupled=False, grad_scale=None, found_inf=None, model=None, zero_grad=False):
+              decoupled=False, maximize=False, grad_scale=None, found_inf=None, model=None, zero_grad=False):
     """One fused Adam (decoupled=False, L2 decay) or AdamW (decoupled=True) step.
 
-    g = grad * grad_scale; if found_inf != 0 nothing at all changes (step included);
-    otherwise master, exp_avg, exp_avg_sq and step advance as in torch.optim.Adam(W), and
-    model (fp16/bf16/fp32) receives the new master weights. zero_grad=True clears grad in
+    g = grad * grad_scale (negated when maximize); if found_inf != 0 nothing at all changes
+    (step included); otherwise master, exp_avg, exp_avg_sq and step advance as in
+    torch.optim.Adam(W), and model (fp16/bf16/fp32) receives the new master weights.
+    step is a one-element int64 array on the data's device. zero_grad=True clears grad in
     the same pass (skipped step or not), instead of a separate zeroing pass.
     """
     lr = _float(lr, "lr", lo=0.0)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError("betas: expected a pair (beta1, beta2)")
-    b1 = _float(betas[0], "betas[0]", lo=0.0, hi=1.0, hi_open=True)
-    b2 = _float(betas[1], "betas[1]", lo=0.0, hi=1.0, hi_open=True)
+    b1, b2 = _betas(betas)
     eps = _float(eps, "eps", lo=0.0)
     wd = _float(weight_decay, "weight_decay", lo=0.0)
-    p, g, st, mo, gs, fi, (m1, m2) = _optimizer_views(
+    mx = _bool("maximize", maximize)
+    p, g, st, mo, gs, fi, states = _optimizer_views(
         master, grad, step, model, grad_scale, found_inf, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
         zero_grad)
-    with _Launch(p) as L:
-        args = _optimizer_args(L.mod, p, m1, m2, g, zero_grad, mo, gs, fi, st)
-        cfg = L.mod.AdamConfig()
-        cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.decoupled = lr, b1, b2, eps, wd, bool(decoupled)
-        L.mod.adam_step(args, cfg, L.stream)
+    values = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, maximize=mx)
+    _run_optimizer("adamw" if decoupled else "adam", p, states, g, zero_grad, mo, gs, fi, st, values)
 
 
 def adamw_step(master, exp_avg, exp_avg_sq, grad, step, **kw):
@@ -297,25 +382,40 @@ def adamw_step(master, exp_avg, exp_avg_sq, grad, step, **kw):
 
 
 def sgd_step(master, grad, step, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-             momentum_buf=None, grad_scale=None, found_inf=None, model=None, zero_grad=False):
-    """One fused SGD step with torch.optim.SGD's formulas (momentum_buf needed when momentum > 0).
-    zero_grad as in adam_step."""
+             maximize=False, momentum_buf=None, grad_scale=None, found_inf=None, model=None, zero_grad=False):
+    """One fused SGD step with torch.optim.SGD's formulas (momentum_buf needed when momentum > 0;
+    given with momentum == 0 it is left untouched, as torch does). zero_grad as in adam_step."""
     lr = _float(lr, "lr", lo=0.0)
     mom = _float(momentum, "momentum", lo=0.0)
     damp = _float(dampening, "dampening", lo=0.0, hi=1.0)
     wd = _float(weight_decay, "weight_decay", lo=0.0)
+    mx = _bool("maximize", maximize)
     if nesterov and (mom <= 0.0 or damp != 0.0):
         raise ValueError("nesterov: needs momentum > 0 and dampening == 0")
     if mom > 0.0 and momentum_buf is None:
         raise ValueError("momentum_buf: required when momentum > 0")
-    p, g, st, mo, gs, fi, (buf,) = _optimizer_views(
-        master, grad, step, model, grad_scale, found_inf, [("momentum_buf", momentum_buf if mom > 0 else None)],
-        zero_grad)
-    with _Launch(p) as L:
-        args = _optimizer_args(L.mod, p, buf, None, g, zero_grad, mo, gs, fi, st)
-        cfg = L.mod.SgdConfig()
-        cfg.lr, cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.nesterov = lr, mom, damp, wd, bool(nesterov)
-        L.mod.sgd_step(args, cfg, L.stream)
+    p, g, st, mo, gs, fi, states = _optimizer_views(
+        master, grad, step, model, grad_scale, found_inf, [("momentum_buf", momentum_buf)], zero_grad)
+    values = dict(lr=lr, momentum=mom, dampening=damp, weight_decay=wd, nesterov=bool(nesterov), maximize=mx)
+    _run_optimizer("sgd", p, states, g, zero_grad, mo, gs, fi, st, values)
+
+
+def lion_step(master, exp_avg, grad, step, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
+              grad_scale=None, found_inf=None, model=None, zero_grad=False):
+    """One fused Lion step (Chen et al. 2023; the formulas of lion-pytorch):
+    p *= 1 - lr*weight_decay; p -= lr * sign(beta1*m + (1-beta1)*g); m = beta2*m + (1-beta2)*g.
+
+    g = grad * grad_scale (negated when maximize); found_inf, model, step and zero_grad as in
+    adam_step (the step count is kept, though Lion's update does not depend on it).
+    """
+    lr = _float(lr, "lr", lo=0.0)
+    b1, b2 = _betas(betas, hi_open=False)
+    wd = _float(weight_decay, "weight_decay", lo=0.0)
+    mx = _bool("maximize", maximize)
+    p, g, st, mo, gs, fi, states = _optimizer_views(
+        master, grad, step, model, grad_scale, found_inf, [("exp_avg", exp_avg)], zero_grad)
+    values = dict(lr=lr, beta1=b1, beta2=b2, weight_decay=wd, maximize=mx)
+    _run_optimizer("lion", p, states, g, zero_grad, mo, gs, fi, st, values)
 
 
 def new_loss_scale_state(initial_scale, hysteresis, like):

@@ -70,3 +70,28 @@ def test_cpu_only_wheel_when_cuda_is_skipped(tmp_path):
     assert any(n.startswith("pyengine/_C.") for n in names)
     assert not any(n.startswith("pyengine/_cuda.") for n in names), "no CUDA module when CUDA is skipped"
     assert "pyengine/ops.py" in names and "pyengine/train/cli.py" in names
+
+
+EXPECTED_OPTIMIZERS = (
+    {"name": "adamw", "function": "adamw_step", "states": ("exp_avg", "exp_avg_sq"),
+     "hyper": ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")},
+    {"name": "adam", "function": "adam_step", "states": ("exp_avg", "exp_avg_sq"),
+     "hyper": ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")},
+    {"name": "sgd", "function": "sgd_step", "states": ("momentum_buffer",),
+     "hyper": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")},
+    {"name": "lion", "function": "lion_step", "states": ("exp_avg",),
+     "hyper": ("lr", "beta1", "beta2", "weight_decay", "maximize")},
+)
+
+
+def test_both_modules_export_one_optimizer_list():
+    mods = [pyengine._native._C] + ([pyengine._native._cuda] if pyengine._native._cuda is not None else [])
+    for mod in mods:
+        assert mod.OPTIMIZERS == EXPECTED_OPTIMIZERS, mod.__name__
+        for o in mod.OPTIMIZERS:
+            assert callable(getattr(mod, o["function"])), (mod.__name__, o["function"])
+            assert len(o["hyper"]) <= pyengine._native._C.HYPER_SLOTS
+        assert not hasattr(mod, "AdamConfig") and not hasattr(mod, "SgdConfig"), "the hyper block is the one source"
+    assert "boundaries" not in pyengine._native._C.STEP_SLOTS, "boundary steps are counted in an int64"
+    if len(mods) == 2:
+        assert mods[0].OPTIMIZERS == mods[1].OPTIMIZERS

@@ -12,8 +12,12 @@ from pyengine.scalars import STEP_SLOTS, StepScalars
 C = _native._C
 
 
-def run_fused(scalars, max_norm, grad=None, rows=None, cfg=None):
+def run_fused(scalars, max_norm, grad=None, rows=None, cfg=None, boundaries=None, phase=None):
     a = C.StepScalarArgs()
+    if boundaries is not None:
+        a.boundaries = boundaries.data_ptr()
+    if phase is not None:
+        a.phase = phase
     if rows is not None:
         a.bucket_rows, a.buckets = rows.data_ptr(), rows.shape[0]
     else:
@@ -35,13 +39,13 @@ def test_fused_equals_the_separate_ops(dtype, n, bad):
         g[n // 2] = bad
     fused = StepScalars("cpu", 1024.0, 2)
     fused.tensor[:4] = 7.0  # stale values from a previous step must not leak in
-    run_fused(fused, 1.0, grad=g)
+    boundaries = torch.tensor([2**24], dtype=torch.int64)
+    run_fused(fused, 1.0, grad=g, boundaries=boundaries)
     sep = StepScalars("cpu", 1024.0, 2)
     ops.unscale_check_sumsq(g, sep.found_inf, sep.sumsq, inv_scale=sep.inv_scale)
     ops.clip_coef(sep.sumsq, 1.0, sep.norm_and_coef, inv_scale=sep.inv_scale)
     ops.update_loss_scale(sep.loss_scale_state, sep.found_inf, growth_interval=3, hysteresis=2)
-    assert fused.boundaries.item() == 1.0, "the fused call also counts the boundary step"
-    fused.boundaries.zero_()
+    assert boundaries.item() == 2**24 + 1, "the fused call also counts the boundary step, exactly"
     assert torch.equal(fused.tensor.nan_to_num(nan=-1.0), sep.tensor.nan_to_num(nan=-1.0))
     assert fused.found_inf.item() == (0.0 if bad is None or n == 0 else 1.0)
 
@@ -57,3 +61,19 @@ def test_rows_fold_in_order_and_flag_any_nonfinite():
     run_fused(s, math.inf, rows=rows)
     assert s.found_inf.item() == 1.0 and s.skipped_total.item() == 1.0
     assert STEP_SLOTS["grad_coef"] == STEP_SLOTS["grad_norm"] + 1
+
+
+def test_boundaries_counted_in_int64_by_the_phases_that_finish_a_step():
+    assert "boundaries" not in STEP_SLOTS, "the count lives in an int64, not in a float slot"
+    g = torch.randn(4097)
+    s = StepScalars("cpu", 1.0, 2)
+    count = torch.tensor([2**31 + 5], dtype=torch.int64)
+    run_fused(s, 1.0, grad=g, boundaries=count, phase=C.STEP_ALL)
+    assert count.item() == 2**31 + 6
+    run_fused(s, 1.0, grad=g, boundaries=count, phase=C.STEP_LOCAL)
+    assert count.item() == 2**31 + 6, "the local phase of a sharded step does not count"
+    run_fused(s, 1.0, grad=g, boundaries=count, phase=C.STEP_GLOBAL)
+    assert count.item() == 2**31 + 7
+    before = s.tensor.clone()
+    run_fused(s, 1.0, grad=g)  # no counter: nothing counted, nothing else written there
+    assert torch.equal(s.tensor[4:8], before[4:8]), "the reserved slots stay untouched"

@@ -6,6 +6,10 @@ import torch
 from pyengine import ops
 
 
+def counter(value=0):
+    return torch.tensor([value], dtype=torch.int64)
+
+
 def test_wrong_dtype_names_argument():
     with pytest.raises(TypeError, match="dst: expected float32"):
         ops.accumulate_(torch.zeros(4, dtype=torch.float16), torch.zeros(4))
@@ -22,7 +26,7 @@ def test_size_mismatch():
     with pytest.raises(ValueError, match="src has 5 elements but dst has 4"):
         ops.accumulate_(torch.zeros(4), torch.zeros(5))
     with pytest.raises(ValueError, match="exp_avg has 3 elements but master has 4"):
-        ops.adamw_step(torch.zeros(4), torch.zeros(3), torch.zeros(4), torch.zeros(4), torch.zeros(1), lr=0.1)
+        ops.adamw_step(torch.zeros(4), torch.zeros(3), torch.zeros(4), torch.zeros(4), counter(), lr=0.1)
 
 
 def test_non_contiguous():
@@ -36,7 +40,7 @@ def test_overlap_rejected():
     with pytest.raises(ValueError, match="overlap"):
         ops.cast_scale(buf[0:6], buf[4:10])
     with pytest.raises(ValueError, match="master and exp_avg overlap"):
-        ops.adamw_step(buf[0:5], buf[2:7], torch.zeros(5), torch.zeros(5), torch.zeros(1), lr=0.1)
+        ops.adamw_step(buf[0:5], buf[2:7], torch.zeros(5), torch.zeros(5), counter(), lr=0.1)
 
 
 def test_scalar_buffers_checked():
@@ -47,7 +51,7 @@ def test_scalar_buffers_checked():
 
 
 def test_hyperparameters_checked():
-    args = (torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(1))
+    args = (torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), counter())
     with pytest.raises(ValueError, match="lr: must be >= 0"):
         ops.adamw_step(*args, lr=-1.0)
     with pytest.raises(ValueError, match=r"betas\[1\]: must be < 1"):
@@ -55,9 +59,61 @@ def test_hyperparameters_checked():
     with pytest.raises(TypeError, match="lr: expected a number"):
         ops.adamw_step(*args, lr="fast")
     with pytest.raises(ValueError, match="nesterov"):
-        ops.sgd_step(torch.zeros(4), torch.zeros(4), torch.zeros(1), lr=0.1, nesterov=True)
+        ops.sgd_step(torch.zeros(4), torch.zeros(4), counter(), lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="momentum_buf: required"):
-        ops.sgd_step(torch.zeros(4), torch.zeros(4), torch.zeros(1), lr=0.1, momentum=0.9)
+        ops.sgd_step(torch.zeros(4), torch.zeros(4), counter(), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="maximize: expected True or False"):
+        ops.adamw_step(*args, lr=1.0, maximize=1)
+    with pytest.raises(TypeError, match="maximize: expected True or False"):
+        ops.sgd_step(torch.zeros(4), torch.zeros(4), counter(), lr=0.1, maximize="yes")
+    lion = (torch.zeros(4), torch.zeros(4), torch.zeros(4), counter())
+    with pytest.raises(ValueError, match="lr: must be >= 0"):
+        ops.lion_step(*lion, lr=-1e-4)
+    with pytest.raises(ValueError, match=r"betas\[0\]: must be <= 1"):
+        ops.lion_step(*lion, betas=(1.5, 0.99))
+    with pytest.raises(TypeError, match="betas: expected a pair"):
+        ops.lion_step(*lion, betas=0.9)
+    with pytest.raises(ValueError, match="weight_decay: must be >= 0"):
+        ops.lion_step(*lion, weight_decay=-0.1)
+    with pytest.raises(ValueError, match="exp_avg has 3 elements but master has 4"):
+        ops.lion_step(torch.zeros(4), torch.zeros(3), torch.zeros(4), counter())
+
+
+def test_step_counter_must_be_int64():
+    args = (torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    with pytest.raises(TypeError, match="step: expected an int64 step counter, got torch.float32; use an int64"):
+        ops.adamw_step(*args, torch.zeros(1), lr=0.1)
+    with pytest.raises(TypeError, match="step: expected an int64 step counter, got torch.int32"):
+        ops.lion_step(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(TypeError, match="step: expected an int64 step counter, got typestr '<f4'"):
+        ops.sgd_step(torch.zeros(4), torch.zeros(4), np.zeros(1, dtype=np.float32), lr=0.1)
+    with pytest.raises(ValueError, match="step: expected an int64 array of at least 1"):
+        ops.adamw_step(*args, torch.zeros(0, dtype=torch.int64), lr=0.1)
+    with pytest.raises(ValueError, match="step and master overlap"):
+        ops.adamw_step(*args, args[0][:2].view(torch.int64), lr=0.1)
+    step = np.zeros(1, dtype=np.int64)  # numpy arrays work as well
+    ops.adamw_step(*(np.zeros(4, dtype=np.float32) for _ in range(4)), step, lr=0.1)
+    assert step.tolist() == [1]
+
+
+def test_native_optimizer_checks_its_pointers():
+    from pyengine import _native
+
+    C = _native._C
+    p, g, step = torch.zeros(4), torch.zeros(4), counter()
+    hyper = torch.zeros(C.HYPER_SLOTS)
+    a = C.OptimizerArgs()
+    a.master, a.grad, a.state1, a.state2, a.n, a.step = p.data_ptr(), g.data_ptr(), p.data_ptr(), g.data_ptr(), 4, \
+        step.data_ptr()
+    with pytest.raises(ValueError, match="adamw_step: hyper is required"):
+        C.adamw_step(a, 0)
+    a.hyper = hyper.data_ptr()
+    a.state2 = 0
+    with pytest.raises(ValueError, match="adam_step: state2 is null"):
+        C.adam_step(a, 0)
+    a.step = 0
+    with pytest.raises(ValueError, match="lion_step: step is required"):
+        C.lion_step(a, 0)
 
 
 def test_device_mismatch_is_reported_before_any_launch():
@@ -90,3 +146,20 @@ def test_loss_scale_args():
         ops.update_loss_scale(torch.zeros(3), torch.zeros(1))
     with pytest.raises(ValueError, match="backoff_factor"):
         ops.update_loss_scale(state, torch.zeros(1), backoff_factor=1.5)
+
+
+def test_cuda_optimizer_checks_hyper_on_the_host():
+    """The CUDA drivers refuse a null hyper block (or step) before any launch, so this runs
+    wherever the CUDA kernels are compiled, GPU or not."""
+    from pyengine import _native
+
+    if _native._cuda is None:
+        pytest.skip("built without CUDA kernels")
+    for o in _native._cuda.OPTIMIZERS:
+        a = _native._cuda.OptimizerArgs()
+        a.n, a.step = 4, 8
+        with pytest.raises(ValueError, match=f"{o['function']}: hyper is required"):
+            getattr(_native._cuda, o["function"])(a, 0)
+        a.hyper, a.step = 8, 0
+        with pytest.raises(ValueError, match=f"{o['function']}: step is required"):
+            getattr(_native._cuda, o["function"])(a, 0)

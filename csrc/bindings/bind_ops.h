@@ -1,6 +1,7 @@
 // The op bindings shared by the _C (cpu) and _cuda modules: same names, same arguments.
 // Addresses, dtypes and streams cross as Python ints, configs as the structs of
-// bind_types.h; every call releases the GIL.
+// bind_types.h; every call releases the GIL. The optimizers come from optimizers.def through
+// ns::optimizers (bind_optimizers), so a new one needs nothing here.
 #pragma once
 #include <pybind11/stl.h>
 
@@ -11,10 +12,8 @@
 #define PE_BIND_OPS(m, ns)                                                                                    \
   do {                                                                                                        \
     using namespace ::pyengine::bindings;                                                                    \
-    using ::pyengine::AdamConfig;                                                                             \
     using ::pyengine::LossScaleConfig;                                                                        \
     using ::pyengine::OptimizerArgs;                                                                          \
-    using ::pyengine::SgdConfig;                                                                              \
     auto nogil = py::call_guard<py::gil_scoped_release>();                                                    \
     m.def("accumulate", [](Addr dst, Addr src, int sdt, std::int64_t n, float alpha, Addr s) {                \
       ns::accumulate(ptr<float>(dst), ptr<const void>(src), dt(sdt), n, alpha, s);                          \
@@ -37,10 +36,7 @@
     m.def("clip_coef", [](Addr sumsq, Addr inv_scale, float max_norm, Addr out, Addr s) {                     \
       ns::clip_coef(ptr<const float>(sumsq), ptr<const float>(inv_scale), max_norm, ptr<float>(out), s);    \
     }, nogil);                                                                                                \
-    m.def("adam_step", [](const OptimizerArgs& a, const AdamConfig& c, Addr s) { ns::adam_step(a, c, s); }, \
-          nogil);                                                                                             \
-    m.def("sgd_step", [](const OptimizerArgs& a, const SgdConfig& c, Addr s) { ns::sgd_step(a, c, s); },    \
-          nogil);                                                                                             \
+    bind_optimizers(m, ns::optimizers);                                                                      \
     m.def("update_loss_scale", [](Addr state, Addr found_inf, const LossScaleConfig& c, Addr s) {            \
       ns::update_loss_scale(ptr<float>(state), ptr<const float>(found_inf), c, s);                           \
     }, nogil);                                                                                                \

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "pyengine/core.h"
 
@@ -30,22 +31,40 @@ inline DType dt(int d) {
   def_property(#field, [](const cls& s) { return static_cast<int>(s.field); },       \
                [](cls& s, int d) { s.field = dt(d); })
 
+// "exp_avg, exp_avg_sq" (a stringized list of optimizers.def) as ("exp_avg", "exp_avg_sq").
+inline py::tuple name_list(const char* list) {
+  py::list out;
+  std::string s(list), item;
+  for (char c : s + ",") {
+    if (c == ',') {
+      if (!item.empty()) out.append(item);
+      item.clear();
+    } else if (c != ' ') {
+      item += c;
+    }
+  }
+  return py::tuple(out);
+}
+
+// The fused optimizers of one backend (ns::optimizers, from optimizers.def): each bound as
+// `<name>_step(args, stream)`, and the list exported as OPTIMIZERS, in registry order.
+template <std::size_t N> void bind_optimizers(py::module_& m, const OptimizerInfo (&list)[N]) {
+  py::list infos;
+  for (const OptimizerInfo& o : list) {
+    auto step = o.step;
+    m.def(o.function, [step](const OptimizerArgs& a, Addr s) { step(a, s); },
+          py::call_guard<py::gil_scoped_release>());
+    py::dict d;
+    d["name"] = o.name;
+    d["function"] = o.function;
+    d["states"] = name_list(o.states);
+    d["hyper"] = name_list(o.hyper);
+    infos.append(d);
+  }
+  m.attr("OPTIMIZERS") = py::tuple(infos);
+}
+
 inline void bind_types(py::module_& m) {
-  py::class_<AdamConfig>(m, "AdamConfig", "Hyper-parameters of one fused Adam/AdamW pass")
-      .def(py::init<>())
-      .def_readwrite("lr", &AdamConfig::lr)
-      .def_readwrite("beta1", &AdamConfig::beta1)
-      .def_readwrite("beta2", &AdamConfig::beta2)
-      .def_readwrite("eps", &AdamConfig::eps)
-      .def_readwrite("weight_decay", &AdamConfig::weight_decay)
-      .def_readwrite("decoupled", &AdamConfig::decoupled);
-  py::class_<SgdConfig>(m, "SgdConfig", "Hyper-parameters of one fused SGD pass")
-      .def(py::init<>())
-      .def_readwrite("lr", &SgdConfig::lr)
-      .def_readwrite("momentum", &SgdConfig::momentum)
-      .def_readwrite("dampening", &SgdConfig::dampening)
-      .def_readwrite("weight_decay", &SgdConfig::weight_decay)
-      .def_readwrite("nesterov", &SgdConfig::nesterov);
   py::class_<LossScaleConfig>(m, "LossScaleConfig", "Dynamic loss-scale rules (DeepSpeed hysteresis)")
       .def(py::init<>())
       .def_readwrite("growth_factor", &LossScaleConfig::growth_factor)
@@ -68,7 +87,7 @@ inline void bind_types(py::module_& m) {
       .def_readwrite("n", &OptimizerArgs::n)
       .PE_ADDR_FIELD(OptimizerArgs, const float, grad_scale)
       .PE_ADDR_FIELD(OptimizerArgs, const float, found_inf)
-      .PE_ADDR_FIELD(OptimizerArgs, float, step)
+      .PE_ADDR_FIELD(OptimizerArgs, std::int64_t, step)
       .PE_ADDR_FIELD(OptimizerArgs, const float, hyper)
       .def_readwrite("advance_step", &OptimizerArgs::advance_step);
 
@@ -86,6 +105,7 @@ inline void bind_types(py::module_& m) {
       .def_readwrite("max_norm", &StepScalarArgs::max_norm)
       .def_readwrite("loss_scale", &StepScalarArgs::loss_scale)
       .PE_ADDR_FIELD(StepScalarArgs, float, host_mirror)
+      .PE_ADDR_FIELD(StepScalarArgs, std::int64_t, boundaries)
       .def_readwrite("phase", &StepScalarArgs::phase);
 
   py::dict step_slots;
@@ -93,7 +113,6 @@ inline void bind_types(py::module_& m) {
   step_slots["sumsq"] = static_cast<int>(kSumsq);
   step_slots["grad_norm"] = static_cast<int>(kGradNorm);
   step_slots["grad_coef"] = static_cast<int>(kGradCoef);
-  step_slots["boundaries"] = static_cast<int>(kBoundaries);
   m.attr("STEP_SLOTS") = step_slots;
   m.attr("STEP_SLOT_COUNT") = static_cast<int>(kStepSlots);
   py::dict ls_slots;

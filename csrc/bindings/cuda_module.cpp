@@ -6,8 +6,10 @@
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "pyengine CUDA kernels";
-  // The config structs are registered by _C (see bind_types.h).
-  pybind11::module_::import("pyengine._C");
+  // The config structs are registered by _C (see bind_types.h); the same classes are
+  // attributes here too, so `mod.OptimizerArgs()` works whichever backend `mod` is.
+  pybind11::module_ c = pybind11::module_::import("pyengine._C");
+  for (const char* name : {"OptimizerArgs", "StepScalarArgs", "LossScaleConfig"}) m.attr(name) = c.attr(name);
   PE_BIND_OPS(m, ::pyengine::cuda);
   m.def("device_count", &pyengine::cuda::device_count);
   m.def("compiled_archs", &pyengine::cuda::compiled_archs);

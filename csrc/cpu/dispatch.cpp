@@ -10,6 +10,7 @@
 #include "cpu/op_table.h"
 #include "kernels/loss_scale.h"
 #include "kernels/norm.h"
+#include "kernels/optimizers.h"
 #include "kernels/prologue.h"
 
 namespace pyengine {
@@ -98,23 +99,25 @@ namespace {
 void clear_grad(const OptimizerArgs& a) {
   if (a.zero_grad && a.n > 0) std::memset(a.grad, 0, static_cast<size_t>(a.n) * dtype_size(a.grad_dtype));
 }
-}  // namespace
 
-void adam_step(const OptimizerArgs& a, const AdamConfig& cfg, Stream) {
-  check_n(a.n, "adam_step");
+// One optimizer pass: check, read the device scalars once, skip or run the table's pass
+// with this step's functor, count the step.
+template <class R>
+void run_optimizer(const OptimizerArgs& a, void (*pass)(const OptimizerArgs&, const typename R::elem&)) {
+  using Elem = typename R::elem;
+  if (const char* err = kernels::optimizer_args_error(a, R::states::kCount, kernels::StatesOptional<Elem>::value))
+    throw std::invalid_argument(std::string(R::function) + ": " + err);
   kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
   if (pro.skip) return clear_grad(a);  // master, state and step untouched
-  ops().adam_step(a, pro.grad_scale, kernels::adam_coeffs(kernels::hyper_config(cfg, a.hyper), pro.next_step));
+  pass(a, Elem::template make<typename R::hyper>(a.hyper, pro.next_step, pro.grad_scale));
   if (a.advance_step) *a.step = pro.next_step;
 }
+}  // namespace
 
-void sgd_step(const OptimizerArgs& a, const SgdConfig& cfg, Stream) {
-  check_n(a.n, "sgd_step");
-  kernels::OptimizerPrologue pro = kernels::optimizer_prologue(a);
-  if (pro.skip) return clear_grad(a);
-  ops().sgd_step(a, pro.grad_scale, kernels::hyper_config(cfg, a.hyper), pro.next_step == 1.0f);
-  if (a.advance_step) *a.step = pro.next_step;
-}
+#define PE_OPTIMIZER(name, elem, states, hyper) \
+  void name##_step(const OptimizerArgs& a, Stream) { run_optimizer<kernels::registry::name>(a, ops().name##_step); }
+#include "optimizers.def"
+#undef PE_OPTIMIZER
 
 void update_loss_scale(float* state, const float* found_inf, const LossScaleConfig& cfg, Stream) {
   kernels::update_loss_scale(state, found_inf ? *found_inf : 0.0f, cfg);
@@ -144,7 +147,7 @@ void step_scalars(const StepScalarArgs& a, Stream s) {
   if (a.phase == kStepLocal) return;
   clip_coef(sc + kSumsq, inv, a.max_norm, sc + kGradNorm, s);
   update_loss_scale(a.loss_scale_state, sc + kFoundInf, a.loss_scale, s);
-  sc[kBoundaries] += 1.0f;
+  if (a.boundaries != nullptr) *a.boundaries += 1;
   if (a.host_mirror != nullptr) std::memcpy(a.host_mirror, a.loss_scale_state, kLossScaleStateSize * sizeof(float));
 }
 

@@ -5,7 +5,7 @@
 //   in(p)      read            out(p)     written            inout(p)   read and written
 //   in_zero(p) read, then cleared in the same pass (the optimizer's zero_grad)
 // An absent optional array (a null model copy, SGD without momentum) is a `none()`: the
-// functor still gets a float to write, which the compiler drops.
+// functor reads 0 from it and still gets a float to write, which the compiler drops.
 //
 // Note: the driver splits [0, n) into one contiguous range per thread (cpu/parallel.h) and
 // runs the functor in one `omp simd` loop over floats. A float array is indexed in place; a
@@ -99,6 +99,7 @@ template <class A> struct View {
   inline void before(std::int64_t i, float& x) const {
     if constexpr (reads && mode == Mode::kInline) x = to_float(h[i]);
     else if constexpr (reads) x = f[i];
+    else if constexpr (A::access == Access::None) x = 0.0f;  // an absent array reads 0
   }
   inline void after(std::int64_t i, float x) const {
     if constexpr (A::access == Access::InZero) {  // a staged block was cleared in load()

@@ -3,12 +3,12 @@
 //
 // Note: compiling one source twice (generic x86-64, and AVX2+FMA+F16C) lets the compiler
 // vectorize the same functor loops for each level, and one wheel runs on any x86-64 CPU.
-// The device scalars (flag, step, multiplier) are read in dispatch.cpp, once per call, so
-// the table's functions take plain values.
+// The device scalars (flag, step, multiplier, hyper block) are read in dispatch.cpp, once per
+// call, so the table's functions take plain values (an optimizer's ready-made functor).
 #pragma once
 #include <cstdint>
 
-#include "kernels/adam.h"
+#include "kernels/optimizers.h"
 #include "pyengine/core.h"
 
 namespace pyengine::cpu {
@@ -22,10 +22,12 @@ struct OpTable {
   // Returns the sum of squares; sets *nonfinite when any scaled value is inf or NaN.
   double (*unscale_check_sumsq)(const void* src, DType src_dtype, void* dst, DType dst_dtype,
                                 std::int64_t n, float inv_scale, bool* nonfinite);
-  void (*adam_step)(const OptimizerArgs& args, float grad_scale, const kernels::AdamCoeffs& k);
-  void (*sgd_step)(const OptimizerArgs& args, float grad_scale, const SgdConfig& cfg, bool first_step);
   void (*multi_copy)(const std::uintptr_t* tensors, const std::int64_t* numels, int count,
                      DType tensor_dtype, void* flat, DType flat_dtype, float alpha, bool to_flat);
+  // One fused pass per optimizer of optimizers.def, with its per-launch functor already made.
+#define PE_OPTIMIZER(name, elem, states, hyper) void (*name##_step)(const OptimizerArgs& args, const kernels::elem& f);
+#include "optimizers.def"
+#undef PE_OPTIMIZER
 };
 
 int num_threads();

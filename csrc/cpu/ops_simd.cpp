@@ -5,8 +5,7 @@
 
 #include "cpu/driver.h"
 #include "cpu/op_table.h"
-#include "kernels/adam.h"
-#include "kernels/sgd.h"
+#include "kernels/optimizers.h"
 #include "kernels/unscale.h"
 
 #ifndef PE_ISA
@@ -104,31 +103,30 @@ template <class G, class F> void with_grad(const OptimizerArgs& a, F&& f) {
   else f(in(static_cast<const G*>(a.grad)));
 }
 
-void adam_step(const OptimizerArgs& a, float grad_scale, const k::AdamCoeffs& kc) {
-  with_dtype(a.grad_dtype, [&](auto gtag) {
-    with_optional_dtype(a.model, a.model_dtype, [&](auto mtag) {
-      using G = decltype(gtag);
-      using M = decltype(mtag);
-      with_grad<G>(a, [&](auto grad) {
-        launch_elementwise(a.n, k::AdamElem{kc, grad_scale}, inout(a.master), inout(a.state1), inout(a.state2), grad,
-                           optional_out<M>(a.model));
-      });
-    });
-  });
+// The state arrays of a pass over R's states, in order: state1 (, state2); none() for each
+// when the optimizer allows them absent and they are (SGD without a momentum buffer).
+template <class R, class F> void with_states(const OptimizerArgs& a, F&& f) {
+  constexpr int kStates = R::states::kCount;
+  if constexpr (k::StatesOptional<typename R::elem>::value) {
+    if (a.state1 == nullptr) {
+      if constexpr (kStates == 1) return f(none());
+      else return f(none(), none());
+    }
+  }
+  if constexpr (kStates == 1) f(inout(a.state1));
+  else f(inout(a.state1), inout(a.state2));
 }
 
-void sgd_step(const OptimizerArgs& a, float grad_scale, const SgdConfig& cfg, bool first) {
+// One fused optimizer pass: (master, states..., grad, model copy) through R's functor.
+template <class R> void optimizer_pass(const OptimizerArgs& a, const typename R::elem& f) {
   with_dtype(a.grad_dtype, [&](auto gtag) {
     with_optional_dtype(a.model, a.model_dtype, [&](auto mtag) {
       using G = decltype(gtag);
       using M = decltype(mtag);
       with_grad<G>(a, [&](auto grad) {
-        if (a.state1 != nullptr)
-          launch_elementwise(a.n, k::SgdElem<true>{cfg, first, grad_scale}, inout(a.master), inout(a.state1), grad,
-                             optional_out<M>(a.model));
-        else
-          launch_elementwise(a.n, k::SgdElem<false>{cfg, first, grad_scale}, inout(a.master), none(), grad,
-                             optional_out<M>(a.model));
+        with_states<R>(a, [&](auto... states) {
+          launch_elementwise(a.n, f, inout(a.master), states..., grad, optional_out<M>(a.model));
+        });
       });
     });
   });
@@ -166,7 +164,11 @@ void multi_copy(const std::uintptr_t* tensors, const std::int64_t* numels, int c
 
 #define PE_STR2(x) #x
 #define PE_STR(x) PE_STR2(x)
-extern const OpTable table = {PE_STR(PE_ISA_LABEL), accumulate, fill, cast_scale, unscale_check_sumsq,
-                              adam_step, sgd_step, multi_copy};
+extern const OpTable table = {
+    PE_STR(PE_ISA_LABEL), accumulate, fill, cast_scale, unscale_check_sumsq, multi_copy,
+#define PE_OPTIMIZER(name, elem, states, hyper) optimizer_pass<k::registry::name>,
+#include "optimizers.def"
+#undef PE_OPTIMIZER
+};
 
 }  // namespace pyengine::cpu::PE_ISA

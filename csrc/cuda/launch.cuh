@@ -2,7 +2,7 @@
 //
 // An op is an element functor over floats (kernels/*.h) plus the arrays it walks, tagged with
 // how each is accessed: in / out / inout / in_zero (read, then cleared in the same pass) /
-// none (an absent optional array). A `prologue` functor runs once per thread before any
+// none (an absent optional array: reads 0, writes dropped). A `prologue` functor runs once per thread before any
 // element: it reads the device-resident scalars (flag, step, multiplier) and returns whether
 // to run the functor, or only to clear the in_zero arrays (a skipped optimizer step).
 //
@@ -94,7 +94,12 @@ template <class Elem> struct Always {
 namespace detail {
 
 template <class A, int W> __device__ __forceinline__ void load_one(const A& a, std::int64_t i, float (&x)[W]) {
-  if constexpr (A::reads) load<W>(a.p, i, x);
+  if constexpr (A::reads) {
+    load<W>(a.p, i, x);
+  } else if constexpr (A::access == Access::None) {  // an absent array reads 0
+#pragma unroll
+    for (int j = 0; j < W; ++j) x[j] = 0.0f;
+  }
 }
 template <class A, int W> __device__ __forceinline__ void store_one(const A& a, std::int64_t i, const float (&x)[W]) {
   if constexpr (A::access == Access::InZero) {

@@ -1,57 +1,37 @@
-// CUDA drivers: the fused optimizer passes (Adam/AdamW, SGD).
+// CUDA drivers: the fused optimizer passes, one per line of optimizers.def.
 //
 // Note: one pass reads the gradient in any dtype, multiplies it by the device-resident
 // factor (1/loss_scale x clip coefficient), updates the fp32 master weights and state and
-// writes the half model copy. The non-finite flag and the step count are read on the
-// device (kernels/prologue.h, the same rules as the CPU); a flagged step returns before
-// touching memory, and the step count is advanced by a one-thread kernel queued behind
-// the pass, so the host never waits.
+// writes the half model copy. The non-finite flag, the int64 step count and the hyper block
+// are read on the device, once per thread, and the functor's per-launch constants (bias
+// corrections in double, kernels/adam.h) made there (kernels/prologue.h, the same rules as
+// the CPU); a flagged step returns before touching memory, and the step count is advanced
+// by a one-thread kernel queued behind the pass, so the host never waits.
+#include <string>
+
 #include "cuda/launch.cuh"
-#include "kernels/adam.h"
+#include "kernels/optimizers.h"
 #include "kernels/prologue.h"
-#include "kernels/sgd.h"
 
 namespace pyengine::cuda {
 namespace {
 
 namespace k = pyengine::kernels;
 
-// The per-thread prologue of an optimizer pass (kernels/prologue.h): skip on the device flag
-// (then only the gradient is cleared, if asked), else the functor with this step's coefficients.
-template <class Elem, class Make> struct StepPrologue {
+// The per-thread prologue of R's pass: skip on the device flag (then only the gradient is
+// cleared, if asked), else R's functor with this step's constants.
+template <class R> struct StepPrologue {
+  using Elem = typename R::elem;
   OptimizerArgs a;
-  Make make;
   __device__ Plan<Elem> operator()() const {
     k::OptimizerPrologue pro = k::optimizer_prologue(a);
     if (pro.skip) return {false, a.zero_grad, Elem{}};
-    return {true, false, make(pro)};
+    return {true, false, Elem::template make<typename R::hyper>(a.hyper, pro.next_step, pro.grad_scale)};
   }
 };
 
-struct MakeAdam {
-  AdamConfig cfg;
-  const float* hyper;
-  __device__ k::AdamElem operator()(const k::OptimizerPrologue& pro) const {
-    return {k::adam_coeffs(k::hyper_config(cfg, hyper), pro.next_step), pro.grad_scale};
-  }
-};
-
-template <bool Momentum> struct MakeSgd {
-  SgdConfig cfg;
-  const float* hyper;
-  __device__ k::SgdElem<Momentum> operator()(const k::OptimizerPrologue& pro) const {
-    return {k::hyper_config(cfg, hyper), pro.next_step == 1.0f, pro.grad_scale};
-  }
-};
-
-__global__ void advance_step(float* step, const float* found_inf) {
-  if (found_inf == nullptr || *found_inf == 0.0f) *step += 1.0f;
-}
-
-void finish(const OptimizerArgs& a, Stream s, const char* op) {
-  if (!a.advance_step) return;
-  advance_step<<<1, 1, 0, as_stream(s)>>>(a.step, a.found_inf);
-  check_launch(op);
+__global__ void advance_step(std::int64_t* step, const float* found_inf) {
+  if (found_inf == nullptr || *found_inf == 0.0f) *step += 1;
 }
 
 // The gradient array of a pass: cleared in the same pass when asked.
@@ -60,40 +40,46 @@ template <class G, class F> void with_grad(const OptimizerArgs& a, F&& f) {
   else f(in(static_cast<const G*>(a.grad)));
 }
 
+// The state arrays of R's pass, in order; none() for each when they may be absent and are.
+template <class R, class F> void with_states(const OptimizerArgs& a, F&& f) {
+  constexpr int kStates = R::states::kCount;
+  if constexpr (k::StatesOptional<typename R::elem>::value) {
+    if (a.state1 == nullptr) {
+      if constexpr (kStates == 1) return f(none());
+      else return f(none(), none());
+    }
+  }
+  if constexpr (kStates == 1) f(inout(a.state1));
+  else f(inout(a.state1), inout(a.state2));
+}
+
+template <class R> void optimizer_pass(const OptimizerArgs& a, Stream s) {
+  // Checked on the host: the kernel dereferences hyper and step on the device.
+  if (const char* err = k::optimizer_args_error(a, R::states::kCount, k::StatesOptional<typename R::elem>::value))
+    throw std::invalid_argument(std::string(R::function) + ": " + err);
+  with_dtype(a.grad_dtype, [&](auto gtag) {
+    with_optional_dtype(a.model, a.model_dtype, [&](auto mtag) {
+      using G = decltype(gtag);
+      using M = decltype(mtag);
+      with_grad<G>(a, [&](auto grad) {
+        with_states<R>(a, [&](auto... states) {
+          launch_elementwise(StepPrologue<R>{a}, a.n, s, R::function, inout(a.master), states..., grad,
+                             optional_out<M>(a.model));
+        });
+      });
+    });
+  });
+  if (a.advance_step) {
+    advance_step<<<1, 1, 0, as_stream(s)>>>(a.step, a.found_inf);
+    check_launch(R::function);
+  }
+}
+
 }  // namespace
 
-void adam_step(const OptimizerArgs& a, const AdamConfig& cfg, Stream s) {
-  with_dtype(a.grad_dtype, [&](auto gtag) {
-    with_optional_dtype(a.model, a.model_dtype, [&](auto mtag) {
-      using G = decltype(gtag);
-      using M = decltype(mtag);
-      with_grad<G>(a, [&](auto grad) {
-        StepPrologue<k::AdamElem, MakeAdam> pro{a, {cfg, a.hyper}};
-        launch_elementwise(pro, a.n, s, "adam_step", inout(a.master), inout(a.state1), inout(a.state2), grad,
-                           optional_out<M>(a.model));
-      });
-    });
-  });
-  finish(a, s, "adam_step");
-}
-
-void sgd_step(const OptimizerArgs& a, const SgdConfig& cfg, Stream s) {
-  with_dtype(a.grad_dtype, [&](auto gtag) {
-    with_optional_dtype(a.model, a.model_dtype, [&](auto mtag) {
-      using G = decltype(gtag);
-      using M = decltype(mtag);
-      with_grad<G>(a, [&](auto grad) {
-        if (a.state1 != nullptr) {
-          StepPrologue<k::SgdElem<true>, MakeSgd<true>> pro{a, {cfg, a.hyper}};
-          launch_elementwise(pro, a.n, s, "sgd_step", inout(a.master), inout(a.state1), grad, optional_out<M>(a.model));
-        } else {
-          StepPrologue<k::SgdElem<false>, MakeSgd<false>> pro{a, {cfg, a.hyper}};
-          launch_elementwise(pro, a.n, s, "sgd_step", inout(a.master), none(), grad, optional_out<M>(a.model));
-        }
-      });
-    });
-  });
-  finish(a, s, "sgd_step");
-}
+#define PE_OPTIMIZER(name, elem, states, hyper) \
+  void name##_step(const OptimizerArgs& a, Stream s) { optimizer_pass<k::registry::name>(a, s); }
+#include "optimizers.def"
+#undef PE_OPTIMIZER
 
 }  // namespace pyengine::cuda

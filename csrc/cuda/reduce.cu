@@ -104,7 +104,8 @@ __global__ void clear_flag_and_sumsq(float* scalars) {
 // One thread: fold the bucket rows (if any) in row order; then, unless only the local phase
 // is asked, clip, update the loss scale, count the boundary and mirror the state to the host.
 __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float* sc, const float* inv_scale,
-                                  float* ls, float max_norm, LossScaleConfig cfg, float* host_mirror, int phase) {
+                                  float* ls, float max_norm, LossScaleConfig cfg, float* host_mirror,
+                                  std::int64_t* boundaries, int phase) {
   if (rows != nullptr && phase != kStepGlobal) {
     double sum = 0.0;
     float flag = 0.0f;
@@ -119,7 +120,7 @@ __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float
   if (phase == kStepLocal) return;
   k::clip_coefficient(sc[kSumsq], inv_scale ? *inv_scale : 1.0f, max_norm, sc + kGradNorm);
   k::update_loss_scale(ls, sc[kFoundInf], cfg);
-  sc[kBoundaries] += 1.0f;
+  if (boundaries != nullptr) *boundaries += 1;
   if (host_mirror != nullptr) {  // pinned host memory, written through the unified address space
     for (int i = 0; i < kLossScaleStateSize; ++i) host_mirror[i] = ls[i];
   }
@@ -156,7 +157,7 @@ void step_scalars(const StepScalarArgs& a, Stream s) {
   }
   if (a.bucket_rows == nullptr && a.phase == kStepLocal) return;
   step_scalars_tail<<<1, 1, 0, as_stream(s)>>>(a.bucket_rows, a.buckets, a.scalars, a.inv_scale, a.loss_scale_state,
-                                               a.max_norm, a.loss_scale, a.host_mirror, a.phase);
+                                               a.max_norm, a.loss_scale, a.host_mirror, a.boundaries, a.phase);
   check_launch("step_scalars");
 }
 

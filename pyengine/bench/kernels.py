@@ -52,7 +52,8 @@ def _cases(n, dev, half, with_fp32):
 
     p = torch.nn.Parameter(torch.randn(n, device=dev))
     p.grad = torch.randn(n, device=dev) * 1e-3
-    m, v, step = torch.zeros(n, device=dev), torch.zeros(n, device=dev), torch.zeros(1, device=dev)
+    m, v = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+    step = torch.zeros(1, dtype=torch.int64, device=dev)
     master = p.detach().clone()
     torch_adamw = torch.optim.AdamW([p], lr=1e-4, weight_decay=0.1, fused=True)
     if with_fp32:
@@ -101,7 +102,8 @@ def full_step_case(n, dev, tensors=100):
     master = torch.cat([p.detach().flatten() for p in params])
     grads = torch.cat([p.grad.flatten() for p in params])
     m, v = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
-    step, flag, sumsq = torch.zeros(1, device=dev), torch.zeros(1, device=dev), torch.zeros(1, device=dev)
+    step = torch.zeros(1, dtype=torch.int64, device=dev)
+    flag, sumsq = torch.zeros(1, device=dev), torch.zeros(1, device=dev)
     coef = torch.empty(2, device=dev)
     state = ops.new_loss_scale_state(1.0, 2, dev)
     ws = ops.sumsq_workspace(grads)

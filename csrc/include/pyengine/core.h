@@ -4,9 +4,10 @@
 // an element count and a DType; a CUDA stream as its handle (an integer, 0 on CPU). That is
 // what lets one compiled wheel serve any torch version.
 //
-// Device-resident scalars (flag, sum of squares, multipliers, step counters, loss-scale
+// Device-resident scalars (flag, sum of squares, multipliers, hyper-parameters, loss-scale
 // state) are passed as float pointers into the same memory space as the buffers, so no op
-// ever needs the host to read a value back.
+// ever needs the host to read a value back. Counters (optimizer steps, boundary steps) are
+// int64 there: a float32 count stops advancing at 2^24.
 #pragma once
 #include <cstdint>
 
@@ -19,23 +20,12 @@ const char* dtype_name(DType t);
 
 using Stream = std::uintptr_t;  // cudaStream_t as an integer; 0 is the legacy default stream
 
-// Hyper-parameters of the fused Adam family. `decoupled` selects AdamW (decay applied to the
-// weights) against Adam (L2 decay added to the gradient).
-struct AdamConfig {
-  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
-  bool decoupled = true;
-};
-
-struct SgdConfig {
-  float lr = 1e-3f, momentum = 0.0f, dampening = 0.0f, weight_decay = 0.0f;
-  bool nesterov = false;
-};
-
-// Note: the float fields of AdamConfig (lr, beta1, beta2, eps, weight_decay) and of SgdConfig
-// (lr, momentum, dampening, weight_decay) may also come from device memory, in that order
-// (OptimizerArgs::hyper): a captured CUDA graph then follows an LR schedule, since the
+// Note: the float hyper-parameters of every optimizer live in device memory, one block of
+// kHyperSlots floats per param group (OptimizerArgs::hyper), in the order its line in
+// csrc/optimizers.def names them; booleans (nesterov, maximize) travel as 0.0 / 1.0. It is
+// the one source of them: a captured CUDA graph then follows an LR schedule, since the
 // values are read when the kernel runs, not when it was launched.
-constexpr int kHyperSlots = 8;  // floats reserved per param group for them
+constexpr int kHyperSlots = 8;  // floats reserved per param group
 
 // Dynamic loss scaling, DeepSpeed semantics (see kernels/loss_scale.h).
 struct LossScaleConfig {
@@ -47,13 +37,13 @@ struct LossScaleConfig {
 // One fused optimizer pass over one contiguous range of the flat buffers.
 //
 // Note: the pointers are resolved once per buffer layout (the engine's plan) and the struct
-// is reused every step; only the hyper-parameters travel with each call, since an LR
-// scheduler may change them. Null optional pointers mean "absent": grad_scale = 1,
-// found_inf = never skip, model = no half copy, state1 = no SGD momentum buffer.
+// is reused every step; the hyper-parameters are read from `hyper` when the pass runs.
+// Null optional pointers mean "absent": grad_scale = 1, found_inf = never skip, model = no
+// half copy, state1 = no SGD momentum buffer. `hyper` and `step` are required.
 struct OptimizerArgs {
   float* master = nullptr;
-  float* state1 = nullptr;  // Adam: exp_avg; SGD: momentum buffer (null without momentum)
-  float* state2 = nullptr;  // Adam: exp_avg_sq; SGD: unused
+  float* state1 = nullptr;  // the optimizer's states, in the order optimizers.def names them:
+  float* state2 = nullptr;  //   Adam(W) exp_avg, exp_avg_sq; SGD momentum_buffer; Lion exp_avg
   void* grad = nullptr;
   DType grad_dtype = DType::f32;
   bool zero_grad = false;  // write 0 to grad after reading it (also on a skipped step)
@@ -62,8 +52,8 @@ struct OptimizerArgs {
   std::int64_t n = 0;
   const float* grad_scale = nullptr;  // device: 1/loss_scale x clip coefficient
   const float* found_inf = nullptr;   // device: a nonzero value skips the whole update
-  float* step = nullptr;              // device: updates taken so far by this range's group
-  const float* hyper = nullptr;       // device: the config's float fields, in place of the config's
+  std::int64_t* step = nullptr;       // device: updates taken so far by this range (exact integer)
+  const float* hyper = nullptr;       // device: kHyperSlots floats, the optimizer's hyper-parameters
   bool advance_step = true;           // count the update (false for all but a group's last range)
 };
 
@@ -83,6 +73,7 @@ struct StepScalarArgs {
   float max_norm = 0.0f;              // <= 0 or inf: no clipping
   LossScaleConfig loss_scale;
   float* host_mirror = nullptr;       // pinned host memory: receives the loss-scale state (GPU)
+  std::int64_t* boundaries = nullptr; // device: +1 per boundary step (kStepAll, kStepGlobal); null: not counted
   // kStepAll: all of it. Sharded optimizer state (ZeRO-1) splits it around an allreduce of
   // this rank's (found_inf, sumsq): kStepLocal folds them, kStepGlobal does the rest.
   int phase = 0;
@@ -96,8 +87,9 @@ enum StepSlot : int {
   kSumsq = 1,       // sum of squares of the unscaled gradients
   kGradNorm = 2,    // sqrt(sumsq), written by clip_coef (out[0])
   kGradCoef = 3,    // 1/loss_scale x clip coefficient, written by clip_coef (out[1])
-  kBoundaries = 4,  // boundary steps taken (applied or skipped), counted by step_scalars
-  kStepSlots = 8,   // (the rest reserved)
+  // slot 4 is reserved (it held a float boundary count; StepScalarArgs::boundaries counts them
+  // now, as an exact integer)
+  kStepSlots = 8,   // (4 and the rest reserved)
 };
 
 // Layout of the loss-scale state array (float32 x kLossScaleStateSize, device-resident).
@@ -133,8 +125,6 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
   /* out[0] = sqrt(sumsq); out[1] = inv_scale * min(1, max_norm / (norm + 1e-6)) */          \
   void clip_coef(const float* sumsq_dev, const float* inv_scale_dev, float max_norm,          \
                  float* out_dev, Stream stream);                                              \
-  void adam_step(const OptimizerArgs& args, const AdamConfig& cfg, Stream stream);            \
-  void sgd_step(const OptimizerArgs& args, const SgdConfig& cfg, Stream stream);              \
   void update_loss_scale(float* state_dev, const float* found_inf_dev,                        \
                          const LossScaleConfig& cfg, Stream stream);                          \
   /* found_inf and sumsq (fresh) of the unscaled gradients, then grad_norm and grad_coef   */ \
@@ -145,8 +135,19 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
                   DType tensor_dtype, void* flat, DType flat_dtype, float alpha, bool to_flat, \
                   Stream stream);
 
+// One fused optimizer pass per line of csrc/optimizers.def, `<name>_step(args, stream)` in
+// both namespaces, and the list itself (`optimizers`) for the bindings.
+struct OptimizerInfo {
+  const char* name;      // "adamw"
+  const char* function;  // "adamw_step"
+  const char* states;    // "exp_avg, exp_avg_sq": what state1, state2 hold
+  const char* hyper;     // "lr, beta1, beta2, eps, weight_decay, maximize": the hyper block's slots
+  void (*step)(const OptimizerArgs& args, Stream stream);
+};
+
 namespace cpu {
 PYENGINE_DECLARE_OPS
+#include "pyengine/optimizers.inc"
 void set_num_threads(int n);
 int num_threads();
 const char* simd_level();
@@ -154,6 +155,7 @@ const char* simd_level();
 
 namespace cuda {
 PYENGINE_DECLARE_OPS
+#include "pyengine/optimizers.inc"
 int device_count();          // 0 when no driver or no device; never throws
 const char* compiled_archs();
 }  // namespace cuda
