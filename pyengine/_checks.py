@@ -38,4 +38,5 @@ HYPERPARAMETER_CHECKS = {
     "momentum": lambda n, v: check_number(n, v, lo=0.0),
     "dampening": lambda n, v: check_number(n, v, lo=0.0, hi=1.0),
     "nesterov": _bool,
+    "maximize": _bool,
 }

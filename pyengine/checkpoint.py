@@ -384,13 +384,16 @@ def optimizer_state_dict(engine) -> dict:
         ids = []
         for p in g["params"]:
             i = index[id(p)]
+            ids.append(k)
+            k += 1
+            if steps[i] == 0:
+                continue  # never stepped: torch.optim holds no state for it yet
             entry = {"step": _step_tensor(steps[i])} if counted else {}
             for name in opt.spec.torch_states:
                 if name in flat.state:
                     entry[name] = flat.view(flat.state[name], i).detach().clone().cpu().view(p.shape)
-            state[k] = entry
-            ids.append(k)
-            k += 1
+            if entry:  # torch.optim.SGD without momentum keeps none
+                state[k - 1] = entry
         groups.append({**{key: v for key, v in g.items() if key != "params"}, "params": ids})
     return {"state": state, "param_groups": groups}
 
@@ -409,7 +412,7 @@ def load_optimizer_state_dict(engine, sd: dict):
     steps = engine.counts.per_param().tolist()
     for saved, g in zip(sd["param_groups"], opt.param_groups):  # checked before anything is written
         check_group(opt.spec, {**g, **{k: v for k, v in saved.items() if k != "params"}},
-                    "engine.optimizer.load_state_dict: param_groups")
+                    "engine.optimizer.load_state_dict: param_groups", fixed=False)
     for entry in sd["state"].values():
         for s in entry:
             if s in opt.spec.torch_states and entry[s] is not None:
@@ -456,7 +459,7 @@ def _load_steps(engine, saved):
 def _load_groups(engine, saved_groups):
     opt = engine.optimizer
     for saved, g in zip(saved_groups, opt.param_groups):
-        check_group(opt.spec, {**g, **saved}, "Engine.load: param_groups")
+        check_group(opt.spec, {**g, **saved}, "the checkpoint's param_groups", fixed=False)
     for g, saved in zip(opt.param_groups, saved_groups):
         g.update(saved)
     _mark_born(engine)

@@ -4,10 +4,15 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from ._checks import HYPERPARAMETER_CHECKS, check_number
+from ._native import _C
 
 FLOAT32_MAX = 3.4028234663852886e38
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = tuple(o["name"] for o in _C.OPTIMIZERS)  # the core's registry (csrc/optimizers.def)
+_HYPER = {o["name"]: o["hyper"] for o in _C.OPTIMIZERS}
+# EngineConfig fields that are some optimizer's hyper-parameters (the config's name of each slot)
+_OPTIMIZER_FIELDS = {"lr": "lr", "beta1": "betas", "beta2": "betas", "eps": "eps", "weight_decay": "weight_decay",
+                     "momentum": "momentum", "dampening": "dampening", "nesterov": "nesterov", "maximize": "maximize"}
 COMM_BACKENDS = ("auto", "torch", "nccl")
 COMM_DTYPES = (None, "fp32", "fp16", "bf16")
 
@@ -19,10 +24,12 @@ class EngineConfig:
     Precision and optimizer
       precision: "fp32" | "bf16" | "fp16", the dtype of the model's parameters (and gradients);
           master weights and optimizer state are fp32 in every case.
-      optimizer: "adamw" (decoupled decay) | "adam" (L2 decay) | "sgd".
+      optimizer: "adamw" (decoupled decay) | "adam" (L2 decay) | "sgd" | "lion" (Chen et al.
+          2023, one state buffer; lion-pytorch's formula): the core's registry.
       lr, betas, eps, weight_decay: as in torch.optim.AdamW / Adam; lr and weight_decay
-          also for SGD. Per-group values come from param_groups.
+          also for SGD and Lion, betas for Lion. Per-group values come from param_groups.
       momentum, dampening, nesterov: SGD only, as in torch.optim.SGD.
+      maximize: as in torch.optim: the gradient's sign is flipped (every optimizer).
       clip_grad_norm: clip the global gradient norm to this value; None: no clipping.
 
     Accumulation
@@ -74,6 +81,7 @@ class EngineConfig:
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    maximize: bool = False
     clip_grad_norm: Optional[float] = None
     grad_accum_steps: int = 1
     accum_dtype: str = "fp32"
@@ -120,7 +128,7 @@ class EngineConfig:
             raise ValueError("EngineConfig.overlap_param_gather: only with zero_stage=1 (without sharding there are no "
                              "parameters to gather)")
         for flag in ("overlap_param_gather", "find_unused_parameters", "rebuild_buckets", "broadcast_params",
-                     "nesterov", "consecutive_hysteresis"):
+                     "nesterov", "maximize", "consecutive_hysteresis"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"EngineConfig.{flag}: expected True or False, got {type(getattr(self, flag)).__name__}")
         self._check_optimizer_fields()
@@ -143,15 +151,14 @@ class EngineConfig:
 
     def _check_optimizer_fields(self):
         """A field of another optimizer set away from its default would be ignored in silence."""
-        others = {"adamw": ("momentum", "dampening", "nesterov"), "adam": ("momentum", "dampening", "nesterov"),
-                  "sgd": ("betas", "eps")}[self.optimizer]
+        used = {_OPTIMIZER_FIELDS[h] for h in _HYPER[self.optimizer]}
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name in others:
-            if getattr(self, name) != defaults[name]:
-                owner = "SGD" if name in ("momentum", "dampening", "nesterov") else "Adam/AdamW"
+        for name in dict.fromkeys(_OPTIMIZER_FIELDS.values()):
+            if name not in used and getattr(self, name) != defaults[name]:
+                owners = [o for o, hs in _HYPER.items() if name in {_OPTIMIZER_FIELDS[h] for h in hs}]
                 raise ValueError(f"EngineConfig.{name}: set to {getattr(self, name)!r}, but optimizer="
-                                 f"{self.optimizer!r} does not use it (it is {owner}'s); remove it or change the "
-                                 "optimizer")
+                                 f"{self.optimizer!r} does not use it (it is {'/'.join(owners)}'s); remove it or "
+                                 "change the optimizer")
 
     @property
     def dynamic_scaling(self) -> bool:

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Sequence
 
 import torch
 
-STEP_DTYPE = torch.float32  # the core's step counter type (see core.h OptimizerArgs::step)
+STEP_DTYPE = torch.int64  # the core's step counter type (see core.h OptimizerArgs::step)
 
 
 class StepCounts:
@@ -101,7 +101,7 @@ class StepCounts:
         self.cohort = cohort
         self.born = [False] * len(groups)  # the caller marks the groups whose buffers it loaded
         counters = torch.zeros(max(len(values), n_groups) + len(self.group_of), dtype=STEP_DTYPE)
-        counters[:len(values)] = torch.tensor(values, dtype=torch.float64).to(STEP_DTYPE)
+        counters[:len(values)] = torch.tensor(values, dtype=STEP_DTYPE)
         self.counters = counters.to(self.counters.device)
         self.version += 1
 

@@ -327,11 +327,11 @@ def _optimizer_views(master, grad, step, model, grad_scale, found_inf, state, ze
 
 
 def _hyper_block(L, ref, optimizer, values):
-    """A device float32 block holding `values` in the core's slot order for `optimizer`,
+    """A device block of kHyperSlots doubles holding `values` in the core's slot order for `optimizer`,
     written on the call's stream (no host sync). It lives until the pass has read it: the
     allocators hand memory back in stream order."""
-    block = _arr(_alloc_f32(ref, _HYPER_SLOTS), "hyper", True)
-    L.mod.set_scalars(block.ptr, [float(values[n]) for n in _HYPER_NAMES[optimizer]], L.stream)
+    block = _arr(_alloc_f32(ref, 2 * _HYPER_SLOTS), "hyper", True)  # kHyperSlots doubles
+    L.mod.set_hyper(block.ptr, [float(values[n]) for n in _HYPER_NAMES[optimizer]], L.stream)
     return block
 
 

@@ -1,64 +1,65 @@
-"""The fused optimizers: one spec table, and a torch.optim.Optimizer facade over it.
+"""The fused optimizers: specs read from the compiled core's registry, and a torch.optim
+Optimizer facade over them.
 
-Note: an optimizer is described once, by an OptimizerSpec: the hyper-parameters a param
-group carries (torch's names, validated the same way everywhere), the flat fp32 state
-buffers it keeps, and how a group's values become the core's config struct. Adding one
-means one entry here, its element functor in csrc/kernels/ and its two drivers.
+Note: the core's one list of optimizers (csrc/optimizers.def, exported as OPTIMIZERS) names
+each optimizer's state buffers and the slots of its device hyper block. Everything the
+engine needs follows from it: the param-group keys are the slots' torch.optim names (beta1
+and beta2 come from `betas`), each validated by the one check of that name (_checks.py),
+defaulting to EngineConfig's field; the state buffers are torch.optim's per-parameter state
+names. Adding an optimizer is its element functor and its line there; nothing here.
 
 param_groups hold the user's parameters and hyper-parameters exactly as in torch, so
-torch.optim.lr_scheduler works unchanged; a changed lr applies at the next step since the
+torch.optim.lr_scheduler works unchanged; a changed value applies at the next step since the
 step plan reads the groups' values each step.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ._checks import HYPERPARAMETER_CHECKS as CHECKS
+from ._native import _C
 from .errors import UsageError
 
-
-def _adam_config(decoupled):
-    def make(mod, g):
-        c = mod.AdamConfig()
-        c.lr, (c.beta1, c.beta2), c.eps, c.weight_decay = g["lr"], g["betas"], g["eps"], g["weight_decay"]
-        c.decoupled = decoupled
-        return c
-
-    return make
-
-
-def _sgd_config(mod, g):
-    if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
-        raise ValueError("nesterov: needs momentum > 0 and dampening == 0")
-    c = mod.SgdConfig()
-    c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov = (
-        g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"])
-    return c
-
-
-def _adam_hyper(g):
-    return [g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]]
-
-
-def _sgd_hyper(g):
-    return [g["lr"], g["momentum"], g["dampening"], g["weight_decay"]]
+_TORCH_KEY = {"beta1": "betas", "beta2": "betas"}  # a hyper slot -> its param-group key, where they differ
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     """What the engine needs to know about one optimizer."""
     name: str
-    group_keys: Tuple[str, ...]  # hyper-parameters a param group carries (torch's names)
-    native: str  # the core function of one fused pass
-    config: Callable  # (core module, group dict) -> the core's config struct
-    states: Callable  # (param groups) -> names of the flat fp32 state buffers, in the core's order
-    torch_states: Tuple[str, ...]  # the same names in torch.optim's per-parameter state
-    hyper: Callable  # (checked group values) -> the config's float fields in the core's order
-    momentum_key: Optional[str] = None  # SGD: a value > 0 means momentum buffers exist from then on
-    # torch.optim's other group entries that change the math; the engine refuses other values
+    native: str  # the core function of one fused pass: native(OptimizerArgs, stream)
+    hyper_names: Tuple[str, ...]  # the device hyper block's slots, in the core's order
+    torch_states: Tuple[str, ...]  # its state buffers, by torch.optim's per-parameter state names
+    # torch.optim's other group entries that change the math: the engine refuses other values
     # (at build and when a step finds one written into param_groups)
     fixed: Tuple[Tuple[str, object, str], ...] = ()
+
+    @property
+    def group_keys(self) -> Tuple[str, ...]:
+        """The hyper-parameters a param group carries (torch's names), in slot order."""
+        return tuple(dict.fromkeys(_TORCH_KEY.get(h, h) for h in self.hyper_names))
+
+    @property
+    def momentum_key(self) -> Optional[str]:
+        """SGD: state buffers exist only once momentum > 0 (torch.optim.SGD's momentum_buffer)."""
+        return "momentum" if "momentum" in self.hyper_names else None
+
+    def states(self, groups) -> Tuple[str, ...]:
+        """The state buffers to make at build for these groups' values."""
+        key = self.momentum_key
+        if key is not None and not any(g[key] > 0 for g in groups):
+            return ()
+        return self.torch_states
+
+    def hyper(self, g) -> list:
+        """A checked group's values in the hyper block's slot order (booleans as 0 / 1)."""
+        betas = g.get("betas")
+        out = []
+        for h in self.hyper_names:
+            v = betas[0] if h == "beta1" else betas[1] if h == "beta2" else g[h]
+            out.append(float(v))
+        return out
 
     def defaults(self, cfg) -> dict:
         """A param group's entries where the user gives none: EngineConfig's values, and
@@ -73,7 +74,6 @@ class OptimizerSpec:
 
 _AMSGRAD = ("amsgrad", False, "pyengine's fused Adam keeps no max_exp_avg_sq; remove amsgrad (torch's default "
             "is False)")
-_MAXIMIZE = ("maximize", False, "train on the negated loss instead")
 
 
 def _decoupled(value):
@@ -81,30 +81,29 @@ def _decoupled(value):
     return ("decoupled_weight_decay", value, f"the weight decay's kind is fixed by the optimizer: {fix}")
 
 
+# torch.optim's entries of an optimizer's param groups that the fused kernel does not follow
+_FIXED = {"adamw": (_AMSGRAD, _decoupled(True)), "adam": (_AMSGRAD, _decoupled(False))}
+
 SPECS: Dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("adamw", ("lr", "betas", "eps", "weight_decay"), "adam_step", _adam_config(True),
-                           lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq"), _adam_hyper,
-                           fixed=(_AMSGRAD, _MAXIMIZE, _decoupled(True))),
-    "adam": OptimizerSpec("adam", ("lr", "betas", "eps", "weight_decay"), "adam_step", _adam_config(False),
-                          lambda groups: ("exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq"), _adam_hyper,
-                          fixed=(_AMSGRAD, _MAXIMIZE, _decoupled(False))),
-    "sgd": OptimizerSpec("sgd", ("lr", "momentum", "dampening", "weight_decay", "nesterov"), "sgd_step", _sgd_config,
-                         lambda groups: ("momentum_buffer",) if any(g["momentum"] > 0 for g in groups) else (),
-                         ("momentum_buffer",), _sgd_hyper, momentum_key="momentum", fixed=(_MAXIMIZE,)),
+    o["name"]: OptimizerSpec(o["name"], o["function"], tuple(o["hyper"]), tuple(o["states"]),
+                             _FIXED.get(o["name"], ()))
+    for o in _C.OPTIMIZERS
 }
 
 
-def check_group(spec: OptimizerSpec, values: dict, where: str) -> dict:
-    """The group's hyper-parameters, validated (TypeError/ValueError naming where and what)."""
+def check_group(spec: OptimizerSpec, values: dict, where: str, fixed: bool = True) -> dict:
+    """The group's hyper-parameters, validated (TypeError/ValueError naming where and what);
+    fixed: also the entries the engine refuses to change (a load leaves that to the step, as
+    torch.optim's own state_dict round trip would)."""
     out = {}
     for k in spec.group_keys:
         try:
             out[k] = CHECKS[k](k, values[k])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
-    if spec.name == "sgd" and out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+    if out.get("nesterov") and (out["momentum"] <= 0 or out["dampening"] != 0):
         raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening == 0")
-    for key, default, fix in spec.fixed:
+    for key, default, fix in spec.fixed if fixed else ():
         if values.get(key, default) != default:
             raise ValueError(f"{where}: {key}={values[key]!r} is not supported ({fix})")
     return out

@@ -44,7 +44,6 @@ class _Group:
         self.index, self.spec, self.hyper_ptr = index, spec, hyper_ptr
         self.read = itemgetter(*spec.watched)  # the group's values as one tuple, in C
         self.values = None
-        self.config = None
 
 
 class StepPlan:
@@ -72,6 +71,7 @@ class StepPlan:
                 self.workspace = sumsq_workspace(g)
                 a.workspace = self.workspace.data_ptr()
         a.scalars, a.loss_scale_state = scalars.tensor.data_ptr(), scalars.loss_scale_state.data_ptr()
+        a.boundaries = scalars.boundaries.data_ptr()
         a.inv_scale = scalars.ptr("inv_scale")
         a.max_norm = math.inf if max_norm is None else float(max_norm)
         a.loss_scale = scaler.config
@@ -90,7 +90,7 @@ class StepPlan:
         self._fn = getattr(mod, optimizer.spec.native)
         self._grad_coef, self._found_inf = scalars.ptr("grad_coef"), scalars.ptr("found_inf")
         # each group's float hyper-parameters in device memory (see core.h, kHyperSlots)
-        self.hyper = torch.zeros(len(optimizer.param_groups), HYPER_SLOTS, dtype=torch.float32, device=flat.device)
+        self.hyper = torch.zeros(len(optimizer.param_groups), HYPER_SLOTS, dtype=torch.float64, device=flat.device)
         self.groups = [_Group(gi, optimizer.spec, _at(self.hyper, gi * HYPER_SLOTS))
                        for gi in range(len(optimizer.param_groups))]
         # (group, offset in the whole buffers, offset in the state buffers, length) of each range
@@ -187,8 +187,8 @@ class StepPlan:
                 checked = check_group(g.spec, group, f"engine.optimizer.param_groups[{g.index}]")
                 if g.spec.momentum_key is not None and checked[g.spec.momentum_key] > 0:
                     self._momentum_born(g.index)
-                g.config, g.values = g.spec.config(self.mod, checked), values
-                self.mod.set_scalars(g.hyper_ptr, g.spec.hyper(checked), stream)
+                g.values = values
+                self.mod.set_hyper(g.hyper_ptr, g.spec.hyper(checked), stream)
 
     def _momentum_born(self, group):
         """SGD momentum turned on for a group (at the first step, or later as
@@ -208,7 +208,7 @@ class StepPlan:
             if self._counts.version != before:
                 passes = self.passes_for(skipped)
         for p in passes:
-            p.fn(p.args, p.group.config, stream)
+            p.fn(p.args, stream)
         if skipped and self.zero_in_pass:
             self.clear_params(skipped, stream)
 
@@ -237,7 +237,7 @@ def _with_phase(mod, a, phase):
     """A copy of the StepScalarArgs `a` for one phase."""
     b = mod.StepScalarArgs()
     for name in ("grad", "grad_dtype", "n", "workspace", "bucket_rows", "buckets", "scalars", "inv_scale",
-                 "loss_scale_state", "max_norm", "loss_scale", "host_mirror"):
+                 "loss_scale_state", "max_norm", "loss_scale", "host_mirror", "boundaries"):
         setattr(b, name, getattr(a, name))
     b.phase = phase
     return b

@@ -29,6 +29,8 @@ class StepScalars:
         self.loss_scale_state = self.tensor[STEP_SLOT_COUNT:]
         for name, slot in STEP_SLOTS.items():
             setattr(self, name, self.tensor[slot:slot + 1])
+        # boundary steps taken (applied or skipped): an exact int64 count on the device
+        self.boundaries = torch.zeros(1, dtype=torch.int64, device=device)
         for name, slot in LOSS_SCALE_SLOTS.items():
             setattr(self, name, self.loss_scale_state[slot:slot + 1])
         flag, norm = STEP_SLOTS["found_inf"], STEP_SLOTS["grad_norm"]

@@ -498,6 +498,14 @@ class Runner:
 
     def act_train(self, micros):
         k = len(micros)
+        if not any(p.requires_grad for p in self.tm.parameters()):
+            # every layer frozen: torch's backward raises too ("does not require grad"); so must the engine's
+            batch = make_batch(self.kind, micros[0]["data"], self.rank)
+            exc, _ = self.engine_call("engine.backward", lambda: self.engine.backward(
+                forward_loss(self.kind, self.em, batch, micros[0]["aux"], torch.bfloat16 if self.bf16 else None)))
+            if not isinstance(exc, ValueError) or "does not require grad" not in str(exc):
+                raise Divergence(0, f"a backward with every parameter frozen: torch raises, the engine gave {exc!r}")
+            raise StopProgram()
         pending = self.pending()
         snap = self.engine.state_dict()
         before = self.model_snapshot(self.em)

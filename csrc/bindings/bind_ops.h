@@ -21,8 +21,8 @@
     m.def("fill", [](Addr dst, int d, std::int64_t n, float value, Addr s) {                                 \
       ns::fill(ptr<void>(dst), dt(d), n, value, s);                                                          \
     }, nogil);                                                                                                \
-    m.def("set_scalars", [](Addr dst, const std::vector<float>& values, Addr s) {                            \
-      ns::set_scalars(ptr<float>(dst), values.data(), static_cast<int>(values.size()), s);                  \
+    m.def("set_hyper", [](Addr dst, const std::vector<double>& values, Addr s) {                             \
+      ns::set_hyper(ptr<double>(dst), values.data(), static_cast<int>(values.size()), s);                   \
     }, nogil);                                                                                                \
     m.def("cast_scale", [](Addr dst, int ddt, Addr src, int sdt, std::int64_t n, float alpha, Addr s) {      \
       ns::cast_scale(ptr<void>(dst), dt(ddt), ptr<const void>(src), dt(sdt), n, alpha, s);                  \

@@ -88,7 +88,7 @@ inline void bind_types(py::module_& m) {
       .PE_ADDR_FIELD(OptimizerArgs, const float, grad_scale)
       .PE_ADDR_FIELD(OptimizerArgs, const float, found_inf)
       .PE_ADDR_FIELD(OptimizerArgs, std::int64_t, step)
-      .PE_ADDR_FIELD(OptimizerArgs, const float, hyper)
+      .PE_ADDR_FIELD(OptimizerArgs, const double, hyper)
       .def_readwrite("advance_step", &OptimizerArgs::advance_step);
 
   py::class_<StepScalarArgs>(m, "StepScalarArgs", "Inputs and outputs of the step's scalar work (step_scalars)")

@@ -69,9 +69,9 @@ void fill(void* dst, DType dtype, std::int64_t n, float value, Stream) {
   ops().fill(dst, dtype, n, value);
 }
 
-void set_scalars(float* dst, const float* values, int n, Stream) {
-  if (n < 0 || n > kHyperSlots) throw std::invalid_argument("set_scalars: n must be in [0, 8]");
-  std::memcpy(dst, values, static_cast<size_t>(n) * sizeof(float));
+void set_hyper(double* dst, const double* values, int n, Stream) {
+  if (n < 0 || n > kHyperSlots) throw std::invalid_argument("set_hyper: n must be in [0, 8]");
+  std::memcpy(dst, values, static_cast<size_t>(n) * sizeof(double));
 }
 
 void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, float alpha,

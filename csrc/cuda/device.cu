@@ -17,20 +17,20 @@ __global__ void loss_scale_kernel(float* state, const float* found_inf, LossScal
 }
 
 struct Scalars {
-  float v[kHyperSlots];
+  double v[kHyperSlots];
 };
-__global__ void set_scalars_kernel(float* dst, Scalars values, int n) {
+__global__ void set_hyper_kernel(double* dst, Scalars values, int n) {
   if (threadIdx.x < n) dst[threadIdx.x] = values.v[threadIdx.x];
 }
 
 }  // namespace
 
-void set_scalars(float* dst, const float* values, int n, Stream s) {
-  if (n < 0 || n > kHyperSlots) throw std::invalid_argument("set_scalars: n must be in [0, 8]");
+void set_hyper(double* dst, const double* values, int n, Stream s) {
+  if (n < 0 || n > kHyperSlots) throw std::invalid_argument("set_hyper: n must be in [0, 8]");
   Scalars v{};
   for (int i = 0; i < n; ++i) v.v[i] = values[i];
-  set_scalars_kernel<<<1, kHyperSlots, 0, as_stream(s)>>>(dst, v, n);
-  check_launch("set_scalars");
+  set_hyper_kernel<<<1, kHyperSlots, 0, as_stream(s)>>>(dst, v, n);
+  check_launch("set_hyper");
 }
 
 void update_loss_scale(float* state, const float* found_inf, const LossScaleConfig& cfg, Stream s) {

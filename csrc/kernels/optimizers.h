@@ -6,7 +6,7 @@
 //   registry::adamw::states::kCount  2 (state1 = exp_avg, state2 = exp_avg_sq)
 //
 // An element functor provides
-//   template <class H> static Elem make(const float* hyper, std::int64_t next_step, float grad_scale)
+//   template <class H> static Elem make(const double* hyper, std::int64_t next_step, float grad_scale)
 //       the per-launch constants (run once per launch on the CPU, once per thread on CUDA)
 //   void operator()(float& master, float& state..., float grad, float& model) const
 //       one element: grad is the raw gradient, model receives the new master weight

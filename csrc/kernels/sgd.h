@@ -19,19 +19,21 @@ namespace pyengine::kernels {
 // the caller guarantees momentum == 0 then.
 struct SgdElem {
   static constexpr bool kOptionalStates = true;
-  float lr, momentum, dampening, weight_decay, grad_scale;
+  float lr, momentum, one_minus_dampening, weight_decay, grad_scale;
   bool use_momentum, first_step, nesterov;
 
-  template <class H> static PE_HD SgdElem make(const float* h, std::int64_t step, float grad_scale) {
-    const float momentum = h[H::momentum];
-    return {h[H::lr], momentum, h[H::dampening], h[H::weight_decay], signed_grad_scale(grad_scale, h[H::maximize]),
-            momentum != 0.0f, step == 1, h[H::nesterov] != 0.0f};
+  template <class H> static PE_HD SgdElem make(const double* h, std::int64_t step, float grad_scale) {
+    const double momentum = h[H::momentum];
+    // torch: buf.mul_(momentum).add_(grad, alpha=1 - dampening): 1 - dampening in double
+    return {static_cast<float>(h[H::lr]), static_cast<float>(momentum), static_cast<float>(1.0 - h[H::dampening]),
+            static_cast<float>(h[H::weight_decay]), signed_grad_scale(grad_scale, static_cast<float>(h[H::maximize])),
+            momentum != 0.0, step == 1, h[H::nesterov] != 0.0};
   }
 
   PE_HD void operator()(float& p, float& buf, float g, float& model) const {
     g = g * grad_scale;
     g = g + weight_decay * p;
-    float next = momentum * buf + (1.0f - dampening) * g;
+    float next = momentum * buf + one_minus_dampening * g;
     float b = first_step ? g : next;
     float d = nesterov ? g + momentum * b : b;
     // Note: one select per output on use_momentum, last: chaining it after first_step's

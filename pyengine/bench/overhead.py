@@ -114,22 +114,22 @@ def step_host(device, precision, iters, tensors=100, rounds=5):
 def op_call(device, iters):
     n = 1 << 10
     master, m, v, g = (torch.randn(n, device=device) for _ in range(4))
-    step = torch.zeros(1, device=device)
+    step = torch.zeros(1, dtype=torch.int64, device=device)
+    hyper = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
     from pyengine import _native
 
     mod = _native.cuda_module() if torch.device(device).type == "cuda" else _native._C
     args = mod.OptimizerArgs()
     args.master, args.state1, args.state2, args.grad, args.n = (master.data_ptr(), m.data_ptr(), v.data_ptr(),
                                                                  g.data_ptr(), n)
-    args.step = step.data_ptr()
-    cfg = mod.AdamConfig()
+    args.step, args.hyper = step.data_ptr(), hyper.data_ptr()
     stream = torch.cuda.current_stream().cuda_stream if torch.device(device).type == "cuda" else 0
 
     def checked():
         ops.adam_step(master, m, v, g, step, lr=1e-3)
 
     def native():
-        mod.adam_step(args, cfg, stream)
+        mod.adamw_step(args, stream)
 
     a, b = [], []
     for _ in range(iters):

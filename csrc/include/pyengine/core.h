@@ -20,12 +20,15 @@ const char* dtype_name(DType t);
 
 using Stream = std::uintptr_t;  // cudaStream_t as an integer; 0 is the legacy default stream
 
-// Note: the float hyper-parameters of every optimizer live in device memory, one block of
-// kHyperSlots floats per param group (OptimizerArgs::hyper), in the order its line in
+// Note: the hyper-parameters of every optimizer live in device memory, one block of
+// kHyperSlots doubles per param group (OptimizerArgs::hyper), in the order its line in
 // csrc/optimizers.def names them; booleans (nesterov, maximize) travel as 0.0 / 1.0. It is
 // the one source of them: a captured CUDA graph then follows an LR schedule, since the
-// values are read when the kernel runs, not when it was launched.
-constexpr int kHyperSlots = 8;  // floats reserved per param group
+// values are read when the kernel runs, not when it was launched. They are doubles because
+// torch.optim derives its per-step scalars (1 - beta, 1 - beta**step, lr / bc1, 1 - lr x wd)
+// from the Python floats in double and rounds each once: a float32 beta2 = 0.999 alone moves
+// 1 - beta2 by 1.3e-5 relative. The kernels do the same once per launch (per thread on CUDA).
+constexpr int kHyperSlots = 8;  // doubles reserved per param group
 
 // Dynamic loss scaling, DeepSpeed semantics (see kernels/loss_scale.h).
 struct LossScaleConfig {
@@ -53,7 +56,7 @@ struct OptimizerArgs {
   const float* grad_scale = nullptr;  // device: 1/loss_scale x clip coefficient
   const float* found_inf = nullptr;   // device: a nonzero value skips the whole update
   std::int64_t* step = nullptr;       // device: updates taken so far by this range (exact integer)
-  const float* hyper = nullptr;       // device: kHyperSlots floats, the optimizer's hyper-parameters
+  const double* hyper = nullptr;      // device: kHyperSlots doubles, the optimizer's hyper-parameters
   bool advance_step = true;           // count the update (false for all but a group's last range)
 };
 
@@ -114,7 +117,7 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
   /* dst[0..n) = value */                                                                     \
   void fill(void* dst, DType dtype, std::int64_t n, float value, Stream stream);               \
   /* dst_dev[0..n) = values (host, n <= kHyperSlots), queued on the stream */                 \
-  void set_scalars(float* dst_dev, const float* values, int n, Stream stream);                \
+  void set_hyper(double* dst_dev, const double* values, int n, Stream stream);                 \
   /* dst = alpha * src, any dtype to any dtype */                                            \
   void cast_scale(void* dst, DType dst_dtype, const void* src, DType src_dtype,               \
                   std::int64_t n, float alpha, Stream stream);                                \
