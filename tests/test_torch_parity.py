@@ -316,3 +316,75 @@ def _saved(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+# -- rows 11 and 12: exact step counts, bias corrections as torch's float64 formula ---------------------
+def test_step_counts_past_two_to_the_24_stay_exact():
+    m, ref = pair()
+    e = Engine(m, EngineConfig(lr=1e-3))
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0)
+    (x, y), = data(1)
+    torch_step(ref, opt, x, y)
+    sd = opt.state_dict()
+    big = 2**24 + 3
+    for v in sd["state"].values():
+        v["step"] = torch.tensor(float(big), dtype=torch.float64)  # float32 could not hold it
+    e.optimizer.load_state_dict(sd)
+    for _ in range(3):
+        engine_step(m, e, x, y)
+    steps = [v["step"] for v in e.optimizer.state_dict()["state"].values()]
+    assert all(s.dtype == torch.float64 and int(s) == big + 3 for s in steps), steps  # a float32 count stalls at 2**24
+    assert e.boundary_steps == 3 and e.scalars.boundaries.dtype == torch.int64
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_adam_with_a_large_lr_matches_torch_to_ulps(kind):
+    """lr = 1 makes each update as large as the weights, so a relative error of the step size
+    shows in the weights: the bias corrections in fp32 (1 - powf(beta, step)) were 1.7e-6
+    off at step 2, 1 - beta2 in fp32 1.3e-5 off. Both sides now round the same double
+    scalars once; the fused expression and torch's lerp/addcdiv differ by a few roundings of
+    the update (lr x ~1) per step."""
+    m, ref = pair()
+    e = Engine(m, EngineConfig(optimizer=kind, lr=1.0, betas=(0.9, 0.999), weight_decay=0.01))
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    opt = cls(ref.parameters(), lr=1.0, betas=(0.9, 0.999), weight_decay=0.01)
+    for k, (x, y) in enumerate(data(4)):
+        engine_step(m, e, x, y)
+        torch_step(ref, opt, x, y)
+        for p, q in zip(m.parameters(), ref.parameters()):
+            err = (p.detach() - q.detach()).abs().max().item()
+            assert err <= 16 * 2**-24 * (k + 1), f"step {k}: {err / 2**-24:.1f} units of lr"
+        ref.load_state_dict(m.state_dict())  # lockstep: each step is compared from the same weights
+        mine = e.optimizer.state_dict()
+        for st, theirs in zip(mine["state"].values(), opt.state_dict()["state"].values()):
+            theirs["exp_avg"].copy_(st["exp_avg"])
+            theirs["exp_avg_sq"].copy_(st["exp_avg_sq"])
+
+
+# -- Lion, added through the core's registry -------------------------------------------------------------
+def lion_reference(params, grads, state, lr, betas, wd):
+    """The formula of lion-pytorch, in torch ops."""
+    for p, g in zip(params, grads):
+        m = state.setdefault(id(p), torch.zeros_like(p))
+        p.mul_(1 - lr * wd)
+        p.add_((m * betas[0]).add(g, alpha=1 - betas[0]).sign_(), alpha=-lr)
+        m.mul_(betas[1]).add_(g, alpha=1 - betas[1])
+
+
+def test_lion_trains_as_its_reference_and_saves_torch_format_state():
+    m, ref = pair()
+    e = Engine(m, EngineConfig(optimizer="lion", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1))
+    state = {}
+    for k, (x, y) in enumerate(data(5)):
+        engine_step(m, e, x, y)
+        ref.zero_grad()
+        F.mse_loss(ref(x), y).backward()
+        with torch.no_grad():
+            lion_reference(list(ref.parameters()), [p.grad for p in ref.parameters()], state, 1e-3, (0.9, 0.99), 0.1)
+        close(m, ref, f"step {k}")
+    sd = e.optimizer.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg"} and int(sd["state"][0]["step"]) == 5
+    for st, p in zip(sd["state"].values(), ref.parameters()):
+        torch.testing.assert_close(st["exp_avg"], state[id(p)], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="eps.*does not use it"):
+        EngineConfig(optimizer="lion", eps=1e-6)
