@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .model import PRESETS
+from .schedule import FINAL_FRACTION, short_float
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -43,7 +44,9 @@ def _positive_float(text):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pyengine-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps to train (default 300)")
+    p.add_argument("--steps", type=_positive_int, default=300,
+                   help="optimizer steps to train (default 300); the lr schedule spans the --steps a run starts with: "
+                        "a --resume with more trains the extra steps at the final lr")
     p.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="model size preset: " + ", ".join(
                        f"{k} ({v.n_layer} layers x {v.d_model})" for k, v in PRESETS.items()) +
@@ -134,6 +137,7 @@ def resolve(args, parser, argv):
     _check_attention_fits(args, parser)
     if args.out is None:
         args.out = _new_run_folder()
+    args.schedule_steps = args.steps  # the lr schedule's length, kept on --resume (schedule.py)
     return args
 
 
@@ -145,6 +149,8 @@ def _resolve_resume(args, parser, argv):
         parser.error(f"--resume {args.resume}: no checkpoint and config.json there (is it a pyengine-train output "
                      "folder that reached its first checkpoint?)")
     saved = {**vars(build_parser().parse_args([])), **json.loads((run_dir / "config.json").read_text())}
+    # runs started before the schedule's length was recorded kept their --steps
+    saved["schedule_steps"] = saved.get("schedule_steps") or saved["steps"]
     given = vars(_explicit(argv))
     given.pop("resume", None)
     if "out" in given and Path(given.pop("out")).resolve() != run_dir.resolve():
@@ -163,7 +169,21 @@ def _resolve_resume(args, parser, argv):
     if changed:
         print("pyengine-train: resuming with " + ", ".join(
             f"--{k.replace('_', '-')} {v} (was {saved.get(k)})" for k, v in changed.items()), file=sys.stderr)
-    return argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
+    resolved = argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
+    if "steps" in changed and resolved.steps != resolved.schedule_steps:
+        print(f"pyengine-train: {_schedule_note(resolved)}", file=sys.stderr)
+    return resolved
+
+
+def _schedule_note(args) -> str:
+    """What a changed --steps does to the lr schedule, fixed when the run started."""
+    length = args.schedule_steps
+    final = short_float(args.lr * FINAL_FRACTION)
+    if args.steps > length:
+        return (f"--steps {args.steps}: the schedule of the first {length} steps is kept; steps {length + 1}-"
+                f"{args.steps} train at the final lr {final}")
+    return (f"--steps {args.steps}: the run stops early on the schedule of its first {length} steps (its lr has not "
+            f"decayed to the final {final} yet)")
 
 
 def _explicit(argv):

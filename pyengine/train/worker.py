@@ -69,13 +69,16 @@ def train(args, stop=None):
     engine = Engine(model, cfg, param_groups=decay_groups(model, args.weight_decay))
     if engine.world_size != world:
         raise RuntimeError(f"expected {world} ranks, the process group has {engine.world_size}")
-    sched = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(args))
+    lr_at = lr_lambda(args)
+    sched = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_at)
     start = 0
     if args.resume:
         extra, path = checkpoints.load_newest_good(engine, out)
         saved_world = (extra or {}).get("world_size", world)
         start = engine.boundary_steps
         sched.last_epoch = start
+        for group, base in zip(engine.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_at(start)  # the run's own schedule, whatever was saved
         if rank == 0:
             rundir.truncate_metrics(out, start)
             log.info("resumed %s at step %d from %s", out, start, path.name)
@@ -107,6 +110,7 @@ def train(args, stop=None):
     try:
         while step < args.steps:
             t0 = time.perf_counter()
+            lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
             if graph is not None and graph.ready(step - start):
                 x, y = data.train_batch(args.seed, step, 0, args.batch_size)
                 loss, result = graph.step(x, y)
@@ -130,7 +134,7 @@ def train(args, stop=None):
                 st = engine.stats()
                 exposed = st["exposed_comm_s"] - comm_prev["exposed_comm_s"]
                 comm_prev = st
-            _record(log_, engine, loss, result, step, t0, t1, t2, exposed)
+            _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed)
             step += 1
             if device.type == "cuda" and (step % args.log_every == 0 or step == args.steps):
                 comm_prev = log_.spread_exposed(engine.stats(), comm_prev)
@@ -181,10 +185,10 @@ def train(args, stop=None):
     return 130 if interrupted else 0
 
 
-def _record(log_, engine, loss, result, step, t0, t1, t2, exposed):
+def _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed):
     log_.add(torch.stack([loss.reshape(()), engine.scaler.scale_tensor.reshape(()), result.flag.reshape(()),
                           engine.grad_norm_tensor.reshape(())]),
-             {"step": step + 1, "lr": engine.optimizer.param_groups[0]["lr"], "fwd_bwd_s": t1 - t0,
+             {"step": step + 1, "lr": lr, "fwd_bwd_s": t1 - t0,
               "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed), "step_s": t2 - t0})
 
 
