@@ -318,3 +318,40 @@ def test_every_rank_resumes_from_the_same_checkpoint_when_one_cannot_read_the_ne
 
     out = ok(run_ranks(_resume_when_one_rank_cannot_read_rank, 2, tmp_path), 2)
     assert [r["extra"]["step"] for r in out] == [1, 1]
+
+
+def _damage(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_pruning_keeps_the_checkpoint_just_written_over_a_damaged_newer_one(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", "6", "--ckpt-every", "3", "--out", str(out)).returncode == 0
+    _damage(out / "checkpoint-0000006" / "shard-0-of-1.pt")
+    # resumed from 3, it stops at 5 and keeps one checkpoint: the one it has just written, not the
+    # damaged 6 from the steps it abandoned
+    res = cli("--resume", str(out), "--steps", "5", "--keep-checkpoints", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [c.name for c in checkpoints(out)] == ["checkpoint-0000005"]
+    assert read(out / "checkpoint-0000005")["meta"]["boundaries"] == 5
+    assert "at step 3" in res.stderr and "removed checkpoint-0000006" in res.stderr
+    res = cli("--resume", str(out), "--steps", "7")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "at step 5" in res.stderr and "skipping" not in res.stderr
+    assert metric_steps(out) == list(range(1, 8))
+
+
+def test_pruning_at_the_engine_level_never_removes_the_checkpoint_just_written(tmp_path):
+    from pyengine.train import checkpoints as train_ckpts
+
+    e = Engine(_mlp(), EngineConfig())
+    for step in (100, 200):
+        train_ckpts.save(e, tmp_path, step, keep=2)
+    # resumed from 100 (200 did not read back), it now writes 150: 200 is an abandoned future
+    train_ckpts.save(e, tmp_path, 150, keep=1)
+    assert [c.name for c in checkpoints(tmp_path)] == ["checkpoint-0000150"]
+    train_ckpts.save(e, tmp_path, 160, keep=2)
+    assert [c.name for c in checkpoints(tmp_path)] == ["checkpoint-0000160", "checkpoint-0000150"]

@@ -81,7 +81,11 @@ def train(args, stop=None):
             group["lr"] = base * lr_at(start)  # the run's own schedule, whatever was saved
         if rank == 0:
             rundir.truncate_metrics(out, start)
+            abandoned = checkpoints.remove_after(out, path)
             log.info("resumed %s at step %d from %s", out, start, path.name)
+            if abandoned:
+                log.warning("removed %s: written after %s by the run that stopped, they are not part of the run "
+                            "that continues from it", ", ".join(abandoned), path.name)
             if saved_world != world:
                 log.warning("the run had %d rank(s), this one has %d: the weights and optimizer state carry over "
                             "exactly, but each rank now reads another part of the data", saved_world, world)
