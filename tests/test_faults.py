@@ -357,6 +357,25 @@ def test_pruning_at_the_engine_level_never_removes_the_checkpoint_just_written(t
     assert [c.name for c in checkpoints(tmp_path)] == ["checkpoint-0000160", "checkpoint-0000150"]
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again_on_resume(tmp_path):
+    out = tmp_path / "run"
+    res = cli(*TINY, "--steps", "6", "--log-every", "1", "--out", str(out), env={"PYENGINE_TRAIN_FAULT": "1:3"})
+    assert res.returncode == 1 and not checkpoints(out)
+    assert f"no checkpoint was written yet: pyengine-train --resume {out} starts the run again from step 0" in res.stderr
+    assert metric_steps(out)[-1] == 3
+    # a plain start on it sends to --resume (or another --out), and changes nothing
+    res = cli(*TINY, "--steps", "6", "--out", str(out))
+    assert res.returncode == 2
+    assert "stopped before its first checkpoint; start it again from step 0" in res.stderr
+    assert f"--resume {out}, or choose another --out" in res.stderr
+    # --resume starts it again with its saved flags
+    res = cli("--resume", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("starting it again from step 0 with its saved flags") == 1
+    assert metric_steps(out) == list(range(1, 7)), "the first attempt's steps are not kept"
+    assert [c.name for c in checkpoints(out)] == ["checkpoint-0000006"]
+
+
 def _zero1_save_into_own_folder_rank(rank, world, root):
     torch.distributed.init_process_group("gloo")
     torch.manual_seed(0)

@@ -126,9 +126,9 @@ def test_bad_flags_exit_2(args, message):
     assert message in res.stderr
 
 
-def test_resume_without_checkpoint_exit_2(tmp_path):
+def test_resume_without_a_run_folder_exit_2(tmp_path):
     res = cli("--resume", str(tmp_path))
-    assert res.returncode == 2 and "no checkpoint and config.json there" in res.stderr
+    assert res.returncode == 2 and "no config.json there: not a pyengine-train run folder" in res.stderr
 
 
 def _lrs(run):

@@ -51,6 +51,17 @@ def remove_after(out, path) -> List[str]:
     return [p.name for p in gone]
 
 
+def any_checkpoint(engine, out) -> bool:
+    """Whether the run folder holds a checkpoint, agreed by every rank (a collective): True or
+    False everywhere, or CheckpointError everywhere when the ranks see different folders."""
+    oks = ranks_ok(engine, bool(checkpoints(out)))
+    if all(oks) or not any(oks):
+        return bool(oks[0])
+    blind = [r for r, v in enumerate(oks) if not v]
+    raise CheckpointError(f"--resume {out}: rank(s) {blind} see no checkpoint there, the others do: every rank must "
+                          "read and write the same run folder; use a shared filesystem for --out")
+
+
 _LEFT = re.compile(r"^(\.checkpoint-\d+\.partial|checkpoint-\d+\.old)$")
 
 

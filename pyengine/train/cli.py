@@ -145,9 +145,8 @@ def _resolve_resume(args, parser, argv):
     run_dir = Path(args.resume)
     from .checkpoints import latest_checkpoint
 
-    if not (run_dir / "config.json").exists() or latest_checkpoint(run_dir) is None:
-        parser.error(f"--resume {args.resume}: no checkpoint and config.json there (is it a pyengine-train output "
-                     "folder that reached its first checkpoint?)")
+    if not (run_dir / "config.json").exists():
+        parser.error(f"--resume {args.resume}: no config.json there: not a pyengine-train run folder")
     saved = {**vars(build_parser().parse_args([])), **json.loads((run_dir / "config.json").read_text())}
     # runs started before the schedule's length was recorded kept their --steps
     saved["schedule_steps"] = saved.get("schedule_steps") or saved["steps"]
@@ -172,6 +171,9 @@ def _resolve_resume(args, parser, argv):
     resolved = argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
     if "steps" in changed and resolved.steps != resolved.schedule_steps:
         print(f"pyengine-train: {_schedule_note(resolved)}", file=sys.stderr)
+    if latest_checkpoint(run_dir) is None:
+        print(f"pyengine-train: --resume {args.resume}: the run stopped before its first checkpoint; starting it again "
+              "from step 0 with its saved flags", file=sys.stderr)
     return resolved
 
 

@@ -72,7 +72,10 @@ def train(args, stop=None):
     lr_at = lr_lambda(args)
     sched = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_at)
     start = 0
-    if args.resume:
+    if args.resume and not checkpoints.any_checkpoint(engine, out):
+        if rank == 0:  # it stopped before its first checkpoint: it starts again (cli.py said so)
+            rundir.truncate_metrics(out, 0)
+    elif args.resume:
         extra, path = checkpoints.load_newest_good(engine, out)
         saved_world = (extra or {}).get("world_size", world)
         start = engine.boundary_steps
