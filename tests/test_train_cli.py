@@ -163,13 +163,35 @@ def test_resume_with_other_steps_keeps_the_schedule_the_run_started_with(tmp_pat
     assert "--steps 8: the run stops early on the schedule of its first 10 steps" in res.stderr
 
 
+def test_optimizer_sgd_trains_and_resume_refuses_another_optimizer(tmp_path):
+    from pyengine.checkpoint import read
+    from pyengine.train.checkpoints import latest_checkpoint
+
+    run = tmp_path / "run"
+    res = cli(*TINY, "--optimizer", "sgd", "--lr", "0.05", "--warmup", "2", "--steps", "12", "--out", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["optimizer"] == "sgd"
+    ck = read(latest_checkpoint(run))
+    assert ck["index"]["optimizer"] == "sgd" and ck["index"]["states"] == ["momentum_buffer"]
+    assert ck["meta"]["param_groups"][0]["momentum"] == 0.9
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+    res = cli("--resume", str(run), "--steps", "14", "--optimizer", "adamw")
+    assert res.returncode == 2
+    assert "--optimizer adamw (the run has sgd)" in res.stderr and "cannot change mid-run" in res.stderr
+
+
 def test_help_documents_every_flag():
     res = cli("--help")
     assert res.returncode == 0
     for flag in ("--steps", "--model", "--batch-size", "--seq-len", "--grad-accum", "--precision", "--comm-dtype",
                  "--lr", "--data", "--out", "--resume", "--seed", "--baseline", "--trace", "--nproc",
-                 "--keep-checkpoints", "--comm-timeout", "--cuda-graph", "--zero"):
+                 "--keep-checkpoints", "--comm-timeout", "--cuda-graph", "--zero", "--optimizer"):
         assert flag in res.stdout
+    from pyengine.config import OPTIMIZERS
+
+    assert "{" + ",".join(OPTIMIZERS) + "}" in res.stdout, "--optimizer offers what the engine has"
+    assert "sgd with momentum 0.9" in " ".join(res.stdout.split())
 
 
 def test_too_little_data_is_refused_before_any_rank_starts(tmp_path):

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from pyengine.config import OPTIMIZERS
+
 from .model import PRESETS
 from .schedule import FINAL_FRACTION, short_float
 
@@ -62,8 +64,12 @@ def build_parser():
                    help="gradient dtype on the wire (default: the gradient buffer's)")
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (2e-3), with warm-up and "
                    "cosine decay to 10%%")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="the optimizer, as in torch.optim: " + ", ".join(OPTIMIZERS) + " (adamw); adamw and adam "
+                        "with betas (0.9, 0.95), sgd with momentum 0.9 (it usually wants a larger --lr)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps (20)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="weight decay on matrices (0.1): decoupled with "
+                   "adamw, added to the gradient (L2) with adam and sgd")
     p.add_argument("--clip", type=_positive_float, default=1.0, help="global gradient-norm clip (1.0)")
     p.add_argument("--data", default=None, help="a text file or a folder of text files (default: the Python "
                    "standard library's source on this machine)")
@@ -126,6 +132,12 @@ def resolve(args, parser, argv):
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.device == "cuda" and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) visible")
+    if args.baseline == "ddp":
+        from .baseline import TORCH_OPTIMIZERS
+
+        if args.optimizer not in TORCH_OPTIMIZERS:
+            parser.error(f"--baseline ddp: no torch.optim counterpart is set up for --optimizer {args.optimizer} "
+                         f"(only {', '.join(TORCH_OPTIMIZERS)})")
     if args.cuda_graph and (args.device != "cuda" or args.nproc != 1 or args.grad_accum != 1):
         parser.error("--cuda-graph: needs --device cuda with one rank (--nproc 1) and --grad-accum 1")
     if args.model is None:

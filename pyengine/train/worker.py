@@ -23,6 +23,18 @@ from .schedule import lr_lambda
 UNIFORM_LOSS = math.log(256)  # nats per byte of a uniform guess
 
 
+# the main job's hyper-parameters of the optimizers whose param groups carry them
+OPTIMIZER_SETTINGS = {"betas": (0.9, 0.95), "momentum": 0.9}
+
+
+def optimizer_settings(name) -> dict:
+    """EngineConfig fields for --optimizer `name`: whichever of OPTIMIZER_SETTINGS it uses, so an
+    optimizer the engine adds gets the ones it shares with these and its defaults otherwise."""
+    from pyengine.optim import SPECS
+
+    return {k: v for k, v in OPTIMIZER_SETTINGS.items() if k in SPECS[name].group_keys}
+
+
 def in_torchrun():
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
@@ -60,7 +72,8 @@ def train(args, stop=None):
 
     data = ShardData(args.data, rank, world, args.seq_len, int(args.max_data_mb * 1e6))
     model = build_model(args, device)
-    cfg = EngineConfig(precision=args.precision, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+    cfg = EngineConfig(precision=args.precision, optimizer=args.optimizer, lr=args.lr,
+                       **optimizer_settings(args.optimizer), weight_decay=args.weight_decay,
                        clip_grad_norm=args.clip, grad_accum_steps=args.grad_accum, comm_dtype=args.comm_dtype,
                        comm_timeout=args.comm_timeout, zero_stage=getattr(args, "zero", 0),
                        # the GPT uses each parameter inside its own module's forward
