@@ -364,10 +364,12 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_again_on_resume(t
     assert f"no checkpoint was written yet: pyengine-train --resume {out} starts the run again from step 0" in res.stderr
     assert metric_steps(out)[-1] == 3
     # a plain start on it sends to --resume (or another --out), and changes nothing
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     res = cli(*TINY, "--steps", "6", "--out", str(out))
     assert res.returncode == 2
-    assert "stopped before its first checkpoint; start it again from step 0" in res.stderr
-    assert f"--resume {out}, or choose another --out" in res.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    assert (f"stopped before its first checkpoint: pyengine-train --resume {out} starts it again from step 0 with its "
+            "saved flags; or choose another --out") in res.stderr
     # --resume starts it again with its saved flags
     res = cli("--resume", str(out))
     assert res.returncode == 0, res.stderr[-2000:]

@@ -46,9 +46,9 @@ def check_fresh(out: Path):
         from .checkpoints import latest_checkpoint
 
         if latest_checkpoint(out) is None and (out / "config.json").exists():
-            raise RunFolderError(f"--out {out} already holds a run that stopped before its first checkpoint; start it "
-                                 f"again from step 0 with its saved flags with --resume {out}, or choose another "
-                                 "--out (nothing was changed)")
+            raise RunFolderError(f"--out {out} already holds a run that stopped before its first checkpoint: "
+                                 f"pyengine-train --resume {out} starts it again from step 0 with its saved flags; "
+                                 "or choose another --out (nothing was changed)")
         raise RunFolderError(f"--out {out} already holds a run; continue it with --resume {out}, or choose another "
                              "folder (nothing was changed)")
 
