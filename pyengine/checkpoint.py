@@ -71,6 +71,35 @@ def save(engine, path, extra=None) -> str:
         except Exception as exc:
             error = exc
     _agree(engine, error is None, "every shard was written", error)
+    if writers > 1:
+        # Note: each rank wrote into `partial` as it resolves on its own machine; without a
+        # filesystem shared by all of them, rank 0's folder lacks the others' shards, and an
+        # index naming them would put an incomplete checkpoint in place that fails only when
+        # loaded. So rank 0 looks for every shard, and all ranks fail together at this first
+        # save. A shard another machine just wrote can be late to show on a network
+        # filesystem: a missing one is looked for again for a few seconds before giving up.
+        import time
+
+        missing = []
+        if engine.rank == 0:
+            names = [_shard_name(r, writers) for r in range(writers)]
+            for attempt in range(11):
+                missing = [r for r, name in enumerate(names) if not os.path.exists(os.path.join(partial, name))]
+                if not missing or attempt == 10:
+                    break
+                time.sleep(0.5)
+        if not all(ranks_ok(engine, not missing)):
+            missing = engine.comm.broadcast_ints(missing, src=0)  # every rank learns which shards rank 0 lacks
+            first = missing[0]
+            folders = [os.fsdecode(bytes(engine.comm.broadcast_ints(
+                list(os.fsencode(partial)) if engine.rank == src else [], src=src))) for src in (0, first)]
+            if engine.rank == 0 or engine.rank in missing:  # what this rank left on its own machine
+                shutil.rmtree(partial, ignore_errors=True)
+            more = f" (and {len(missing) - 1} more shard(s) of other ranks)" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"pyengine: checkpoint {os.path.basename(path)} not saved: {_shard_name(first, writers)}, written by "
+                f"rank {first} into its folder {folders[1]}, is not in rank 0's folder {folders[0]}{more}. Every rank "
+                "must write into the same folder; use a shared filesystem for --out (or engine.save path)")
     if engine.rank == 0:
         try:
             write_file(_meta(engine, extra), os.path.join(partial, "meta.pt"))

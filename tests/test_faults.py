@@ -318,3 +318,116 @@ def test_every_rank_resumes_from_the_same_checkpoint_when_one_cannot_read_the_ne
 
     out = ok(run_ranks(_resume_when_one_rank_cannot_read_rank, 2, tmp_path), 2)
     assert [r["extra"]["step"] for r in out] == [1, 1]
+
+
+def _damage(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_pruning_keeps_the_checkpoint_just_written_over_a_damaged_newer_one(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*TINY, "--steps", "6", "--ckpt-every", "3", "--out", str(out)).returncode == 0
+    _damage(out / "checkpoint-0000006" / "shard-0-of-1.pt")
+    # resumed from 3, it stops at 5 and keeps one checkpoint: the one it has just written, not the
+    # damaged 6 from the steps it abandoned
+    res = cli("--resume", str(out), "--steps", "5", "--keep-checkpoints", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [c.name for c in checkpoints(out)] == ["checkpoint-0000005"]
+    assert read(out / "checkpoint-0000005")["meta"]["boundaries"] == 5
+    assert "at step 3" in res.stderr and "removed checkpoint-0000006" in res.stderr
+    res = cli("--resume", str(out), "--steps", "7")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "at step 5" in res.stderr and "skipping" not in res.stderr
+    assert metric_steps(out) == list(range(1, 8))
+
+
+def test_pruning_at_the_engine_level_never_removes_the_checkpoint_just_written(tmp_path):
+    from pyengine.train import checkpoints as train_ckpts
+
+    e = Engine(_mlp(), EngineConfig())
+    for step in (100, 200):
+        train_ckpts.save(e, tmp_path, step, keep=2)
+    # resumed from 100 (200 did not read back), it now writes 150: 200 is an abandoned future
+    train_ckpts.save(e, tmp_path, 150, keep=1)
+    assert [c.name for c in checkpoints(tmp_path)] == ["checkpoint-0000150"]
+    train_ckpts.save(e, tmp_path, 160, keep=2)
+    assert [c.name for c in checkpoints(tmp_path)] == ["checkpoint-0000160", "checkpoint-0000150"]
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again_on_resume(tmp_path):
+    out = tmp_path / "run"
+    res = cli(*TINY, "--steps", "6", "--log-every", "1", "--out", str(out), env={"PYENGINE_TRAIN_FAULT": "1:3"})
+    assert res.returncode == 1 and not checkpoints(out)
+    assert f"no checkpoint was written yet: pyengine-train --resume {out} starts the run again from step 0" in res.stderr
+    assert metric_steps(out)[-1] == 3
+    # a plain start on it sends to --resume (or another --out), and changes nothing
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    res = cli(*TINY, "--steps", "6", "--out", str(out))
+    assert res.returncode == 2
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    assert (f"stopped before its first checkpoint: pyengine-train --resume {out} starts it again from step 0 with its "
+            "saved flags; or choose another --out") in res.stderr
+    # --resume starts it again with its saved flags
+    res = cli("--resume", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("starting it again from step 0 with its saved flags") == 1
+    assert metric_steps(out) == list(range(1, 7)), "the first attempt's steps are not kept"
+    assert [c.name for c in checkpoints(out)] == ["checkpoint-0000006"]
+
+
+def _zero1_save_into_own_folder_rank(rank, world, root):
+    torch.distributed.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    engine = Engine(model, EngineConfig(lr=0.1, zero_stage=1))
+    engine.backward(model(torch.ones(2, 4)).square().sum())
+    engine.step()
+    try:
+        engine.save(root / f"node{rank}" / "ckpt")  # no shared filesystem: each rank its own path
+    except CheckpointError as exc:
+        return {"error": str(exc), "left": sorted(str(p.relative_to(root)) for p in root.rglob("*"))}
+    return {"error": None}
+
+
+def test_zero1_ranks_writing_into_different_folders_fail_at_the_first_save(tmp_path):
+    from dist_util import ok, run_ranks
+
+    out = ok(run_ranks(_zero1_save_into_own_folder_rank, 2, tmp_path), 2)
+    for r in out:
+        assert r["error"] is not None, "every rank fails, at this first save"
+        assert (f"shard-1-of-2.pt, written by rank 1 into its folder {tmp_path / 'node1' / '.ckpt.partial'}, is not "
+                f"in rank 0's folder {tmp_path / 'node0' / '.ckpt.partial'}") in r["error"]
+        assert ("every rank must write into the same folder; use a shared filesystem for --out (or engine.save path)"
+                in r["error"].lower())
+        assert "resume" not in r["error"]
+    assert not list(tmp_path.rglob("ckpt")) and not list(tmp_path.rglob(".ckpt.partial")), "nothing left in place"
+
+
+def test_zero1_main_job_with_an_out_per_node_fails_at_the_first_checkpoint(tmp_path):
+    """Two nodes of the user's torchrun, each with its own --out (no shared filesystem)."""
+    from dist_util import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pyengine.train", *TINY, "--steps", "6", "--ckpt-every", "2", "--zero", "1",
+             "--out", str(tmp_path / f"node{rank}")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True))
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    for rank, (p, err) in enumerate(zip(procs, errs)):
+        assert p.returncode not in (0, None), f"rank {rank} exited {p.returncode}: {err[-2000:]}"
+        assert "shard-1-of-2.pt, written by rank 1 into its folder" in err, err[-2000:]
+        assert "use a shared filesystem for --out" in err
+        assert "--resume" not in err
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        assert not checkpoints(node) and not list(node.glob(".checkpoint-*")), "no checkpoint, complete or partial"
+        assert (node / "metrics.jsonl").exists() == (rank == 0)
+    assert [json.loads(line)["step"] for line in (tmp_path / "node0" / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2], "it failed at the first checkpoint, step 2"

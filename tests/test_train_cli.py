@@ -126,9 +126,59 @@ def test_bad_flags_exit_2(args, message):
     assert message in res.stderr
 
 
-def test_resume_without_checkpoint_exit_2(tmp_path):
+def test_resume_without_a_run_folder_exit_2(tmp_path):
     res = cli("--resume", str(tmp_path))
-    assert res.returncode == 2 and "no checkpoint and config.json there" in res.stderr
+    assert res.returncode == 2 and "no config.json there: not a pyengine-train run folder" in res.stderr
+
+
+def _lrs(run):
+    return {json.loads(line)["step"]: json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+
+
+def test_resume_with_other_steps_keeps_the_schedule_the_run_started_with(tmp_path):
+    import shutil
+
+    flags = [*TINY, "--warmup", "2", "--steps", "10"]
+    ref, run, short = tmp_path / "ref", tmp_path / "run", tmp_path / "short"
+    assert cli(*flags, "--out", str(ref)).returncode == 0
+    res = cli(*flags, "--ckpt-every", "5", "--out", str(run), env={**os.environ, "PYENGINE_TRAIN_FAULT": "0:7"})
+    assert res.returncode == 1, res.stderr[-3000:]
+    shutil.copytree(run, short)
+    expected = _lrs(ref)
+    assert all(expected[s] > expected[s + 1] for s in range(3, 10)), "after the warm-up the cosine falls every step"
+    # longer: the 10-step schedule, then its final lr (10% of the peak 2e-3) for steps 11-14
+    res = cli("--resume", str(run), "--steps", "14")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lrs = _lrs(run)
+    assert sorted(lrs) == list(range(1, 15))
+    assert [lrs[s] for s in range(1, 11)] == [expected[s] for s in range(1, 11)]
+    assert [lrs[s] for s in range(11, 15)] == [pytest.approx(2e-4, rel=1e-12)] * 4
+    assert ("--steps 14: the schedule of the first 10 steps is kept; steps 11-14 train at the final lr 2e-4"
+            in res.stderr)
+    # shorter: the same schedule, stopped early
+    res = cli("--resume", str(short), "--steps", "8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lrs = _lrs(short)
+    assert [lrs[s] for s in sorted(lrs)] == [expected[s] for s in range(1, 9)]
+    assert "--steps 8: the run stops early on the schedule of its first 10 steps" in res.stderr
+
+
+def test_optimizer_sgd_trains_and_resume_refuses_another_optimizer(tmp_path):
+    from pyengine.checkpoint import read
+    from pyengine.train.checkpoints import latest_checkpoint
+
+    run = tmp_path / "run"
+    res = cli(*TINY, "--optimizer", "sgd", "--lr", "0.05", "--warmup", "2", "--steps", "12", "--out", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["optimizer"] == "sgd"
+    ck = read(latest_checkpoint(run))
+    assert ck["index"]["optimizer"] == "sgd" and ck["index"]["states"] == ["momentum_buffer"]
+    assert ck["meta"]["param_groups"][0]["momentum"] == 0.9
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+    res = cli("--resume", str(run), "--steps", "14", "--optimizer", "adamw")
+    assert res.returncode == 2
+    assert "--optimizer adamw (the run has sgd)" in res.stderr and "cannot change mid-run" in res.stderr
 
 
 def test_help_documents_every_flag():
@@ -136,8 +186,12 @@ def test_help_documents_every_flag():
     assert res.returncode == 0
     for flag in ("--steps", "--model", "--batch-size", "--seq-len", "--grad-accum", "--precision", "--comm-dtype",
                  "--lr", "--data", "--out", "--resume", "--seed", "--baseline", "--trace", "--nproc",
-                 "--keep-checkpoints", "--comm-timeout", "--cuda-graph", "--zero"):
+                 "--keep-checkpoints", "--comm-timeout", "--cuda-graph", "--zero", "--optimizer"):
         assert flag in res.stdout
+    from pyengine.config import OPTIMIZERS
+
+    assert "{" + ",".join(OPTIMIZERS) + "}" in res.stdout, "--optimizer offers what the engine has"
+    assert "sgd with momentum 0.9" in " ".join(res.stdout.split())
 
 
 def test_too_little_data_is_refused_before_any_rank_starts(tmp_path):

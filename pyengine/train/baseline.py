@@ -1,5 +1,6 @@
 """--baseline ddp: the same run with what a PyTorch user writes: DistributedDataParallel,
-AMP autocast (GradScaler for fp16), clip_grad_norm_(foreach), AdamW(fused)."""
+AMP autocast (GradScaler for fp16), clip_grad_norm_(foreach), the same optimizer from
+torch.optim (AdamW or Adam fused, SGD foreach)."""
 import json
 import statistics
 import time
@@ -10,6 +11,14 @@ import torch.distributed as dist
 from .evaluate import evaluate
 from .model import build_model, decay_groups
 from .schedule import lr_lambda
+
+
+# --optimizer -> what a PyTorch user writes for it; (name, keyword arguments, state bytes per parameter)
+TORCH_OPTIMIZERS = {
+    "adamw": ("AdamW", {"betas": (0.9, 0.95), "fused": True}, 8),
+    "adam": ("Adam", {"betas": (0.9, 0.95), "fused": True}, 8),
+    "sgd": ("SGD", {"momentum": 0.9, "foreach": True}, 4),
+}
 
 
 def run_ddp_baseline(args, data, device, out, rank, world):
@@ -25,7 +34,8 @@ def run_ddp_baseline(args, data, device, out, rank, world):
     model = build_model(args, device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     groups = decay_groups(model, args.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+    name, kwargs, state_bytes = TORCH_OPTIMIZERS[args.optimizer]
+    opt = getattr(torch.optim, name)(groups, lr=args.lr, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -60,8 +70,8 @@ def run_ddp_baseline(args, data, device, out, rank, world):
     if own_group:
         dist.destroy_process_group()
     return {"step_s": step_s, "tokens_per_s": tokens / step_s, "final_loss": rows[-1]["loss"],
-            # fp32 param + grad + AdamW state, plus the bucket copy of the gradients DDP keeps by default
-            "val_loss": evaluate(model, data, args, device), "bytes_per_param": 4 + 4 + 8 + 4}
+            # fp32 param + grad + optimizer state, plus the bucket copy of the gradients DDP keeps by default
+            "val_loss": evaluate(model, data, args, device), "bytes_per_param": 4 + 4 + state_bytes + 4}
 
 
 class _null:

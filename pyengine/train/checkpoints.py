@@ -4,6 +4,13 @@ checkpoint-<step> is an Engine checkpoint folder (pyengine/checkpoint.py): writt
 atomically with a checksum on every file, only when the weights are finite, loadable at any
 world size and ZeRO stage. After each save all but the newest `keep` are removed. Loading
 tries the newest first and falls back to an older one, with a warning, when one is damaged.
+
+Note: "newest" means the highest step at or below the step just saved. A run that resumed
+from an older checkpoint (the newer one was damaged, or did not read back on some rank)
+has abandoned the steps after it: its metrics were cut back to that step, and a checkpoint
+numbered above it holds a future the run no longer has. Such checkpoints are removed when
+the run resumes (remove_after) and again by every save, so they can neither be resumed from
+later nor push the checkpoint just written out of the `keep` newest.
 """
 import logging
 import re
@@ -32,6 +39,29 @@ def latest_checkpoint(out) -> Optional[Path]:
     return found[0] if found else None
 
 
+def step_of(path) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
+
+
+def remove_after(out, path) -> List[str]:
+    """Removes the checkpoints numbered above `path`'s (see the Note); returns their names."""
+    gone = [p for p in checkpoints(out) if step_of(p) > step_of(path)]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in gone]
+
+
+def any_checkpoint(engine, out) -> bool:
+    """Whether the run folder holds a checkpoint, agreed by every rank (a collective): True or
+    False everywhere, or CheckpointError everywhere when the ranks see different folders."""
+    oks = ranks_ok(engine, bool(checkpoints(out)))
+    if all(oks) or not any(oks):
+        return bool(oks[0])
+    blind = [r for r, v in enumerate(oks) if not v]
+    raise CheckpointError(f"--resume {out}: rank(s) {blind} see no checkpoint there, the others do: every rank must "
+                          "read and write the same run folder; use a shared filesystem for --out")
+
+
 _LEFT = re.compile(r"^(\.checkpoint-\d+\.partial|checkpoint-\d+\.old)$")
 
 
@@ -45,7 +75,8 @@ def save(engine, out, step: int, keep: int, extra=None) -> Path:
                 shutil.rmtree(left, ignore_errors=True)
     engine.save(path, extra=extra)
     if engine.rank == 0:
-        for old in checkpoints(out)[keep:]:
+        remove_after(out, path)  # an abandoned future's (see the Note): never "newer" than this one
+        for old in [p for p in checkpoints(out) if p != path][max(0, keep - 1):]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 

@@ -15,7 +15,10 @@ import os
 import sys
 from pathlib import Path
 
+from pyengine.config import OPTIMIZERS
+
 from .model import PRESETS
+from .schedule import FINAL_FRACTION, short_float
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -43,7 +46,9 @@ def _positive_float(text):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pyengine-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps to train (default 300)")
+    p.add_argument("--steps", type=_positive_int, default=300,
+                   help="optimizer steps to train (default 300); the lr schedule spans the --steps a run starts with: "
+                        "a --resume with more trains the extra steps at the final lr")
     p.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="model size preset: " + ", ".join(
                        f"{k} ({v.n_layer} layers x {v.d_model})" for k, v in PRESETS.items()) +
@@ -59,8 +64,12 @@ def build_parser():
                    help="gradient dtype on the wire (default: the gradient buffer's)")
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (2e-3), with warm-up and "
                    "cosine decay to 10%%")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="the optimizer, as in torch.optim: " + ", ".join(OPTIMIZERS) + " (adamw); adamw and adam "
+                        "with betas (0.9, 0.95), sgd with momentum 0.9 (it usually wants a larger --lr)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps (20)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="weight decay on matrices (0.1): decoupled with "
+                   "adamw, added to the gradient (L2) with adam and sgd")
     p.add_argument("--clip", type=_positive_float, default=1.0, help="global gradient-norm clip (1.0)")
     p.add_argument("--data", default=None, help="a text file or a folder of text files (default: the Python "
                    "standard library's source on this machine)")
@@ -123,6 +132,12 @@ def resolve(args, parser, argv):
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.device == "cuda" and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) visible")
+    if args.baseline == "ddp":
+        from .baseline import TORCH_OPTIMIZERS
+
+        if args.optimizer not in TORCH_OPTIMIZERS:
+            parser.error(f"--baseline ddp: no torch.optim counterpart is set up for --optimizer {args.optimizer} "
+                         f"(only {', '.join(TORCH_OPTIMIZERS)})")
     if args.cuda_graph and (args.device != "cuda" or args.nproc != 1 or args.grad_accum != 1):
         parser.error("--cuda-graph: needs --device cuda with one rank (--nproc 1) and --grad-accum 1")
     if args.model is None:
@@ -134,6 +149,7 @@ def resolve(args, parser, argv):
     _check_attention_fits(args, parser)
     if args.out is None:
         args.out = _new_run_folder()
+    args.schedule_steps = args.steps  # the lr schedule's length, kept on --resume (schedule.py)
     return args
 
 
@@ -141,10 +157,11 @@ def _resolve_resume(args, parser, argv):
     run_dir = Path(args.resume)
     from .checkpoints import latest_checkpoint
 
-    if not (run_dir / "config.json").exists() or latest_checkpoint(run_dir) is None:
-        parser.error(f"--resume {args.resume}: no checkpoint and config.json there (is it a pyengine-train output "
-                     "folder that reached its first checkpoint?)")
+    if not (run_dir / "config.json").exists():
+        parser.error(f"--resume {args.resume}: no config.json there: not a pyengine-train run folder")
     saved = {**vars(build_parser().parse_args([])), **json.loads((run_dir / "config.json").read_text())}
+    # runs started before the schedule's length was recorded kept their --steps
+    saved["schedule_steps"] = saved.get("schedule_steps") or saved["steps"]
     given = vars(_explicit(argv))
     given.pop("resume", None)
     if "out" in given and Path(given.pop("out")).resolve() != run_dir.resolve():
@@ -163,7 +180,24 @@ def _resolve_resume(args, parser, argv):
     if changed:
         print("pyengine-train: resuming with " + ", ".join(
             f"--{k.replace('_', '-')} {v} (was {saved.get(k)})" for k, v in changed.items()), file=sys.stderr)
-    return argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
+    resolved = argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
+    if "steps" in changed and resolved.steps != resolved.schedule_steps:
+        print(f"pyengine-train: {_schedule_note(resolved)}", file=sys.stderr)
+    if latest_checkpoint(run_dir) is None:
+        print(f"pyengine-train: --resume {args.resume}: the run stopped before its first checkpoint; starting it again "
+              "from step 0 with its saved flags", file=sys.stderr)
+    return resolved
+
+
+def _schedule_note(args) -> str:
+    """What a changed --steps does to the lr schedule, fixed when the run started."""
+    length = args.schedule_steps
+    final = short_float(args.lr * FINAL_FRACTION)
+    if args.steps > length:
+        return (f"--steps {args.steps}: the schedule of the first {length} steps is kept; steps {length + 1}-"
+                f"{args.steps} train at the final lr {final}")
+    return (f"--steps {args.steps}: the run stops early on the schedule of its first {length} steps (its lr has not "
+            f"decayed to the final {final} yet)")
 
 
 def _explicit(argv):

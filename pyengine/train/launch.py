@@ -165,5 +165,6 @@ class Launcher:
     def _resume_hint(self) -> str:
         from .checkpoints import latest_checkpoint
 
-        return f" (continue with: pyengine-train --resume {self.out})" if latest_checkpoint(self.out) else \
-            " (no checkpoint was written yet)"
+        if latest_checkpoint(self.out):
+            return f" (continue with: pyengine-train --resume {self.out})"
+        return f" (no checkpoint was written yet: pyengine-train --resume {self.out} starts the run again from step 0)"

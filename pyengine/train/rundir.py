@@ -43,6 +43,12 @@ def lock(out: Path) -> int:
 def check_fresh(out: Path):
     """A new run must not write into a folder that holds another run's outputs."""
     if out.exists() and any((out / m).exists() for m in MARKERS):
+        from .checkpoints import latest_checkpoint
+
+        if latest_checkpoint(out) is None and (out / "config.json").exists():
+            raise RunFolderError(f"--out {out} already holds a run that stopped before its first checkpoint: "
+                                 f"pyengine-train --resume {out} starts it again from step 0 with its saved flags; "
+                                 "or choose another --out (nothing was changed)")
         raise RunFolderError(f"--out {out} already holds a run; continue it with --resume {out}, or choose another "
                              "folder (nothing was changed)")
 

@@ -23,6 +23,18 @@ from .schedule import lr_lambda
 UNIFORM_LOSS = math.log(256)  # nats per byte of a uniform guess
 
 
+# the main job's hyper-parameters of the optimizers whose param groups carry them
+OPTIMIZER_SETTINGS = {"betas": (0.9, 0.95), "momentum": 0.9}
+
+
+def optimizer_settings(name) -> dict:
+    """EngineConfig fields for --optimizer `name`: whichever of OPTIMIZER_SETTINGS it uses, so an
+    optimizer the engine adds gets the ones it shares with these and its defaults otherwise."""
+    from pyengine.optim import SPECS
+
+    return {k: v for k, v in OPTIMIZER_SETTINGS.items() if k in SPECS[name].group_keys}
+
+
 def in_torchrun():
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
@@ -60,7 +72,8 @@ def train(args, stop=None):
 
     data = ShardData(args.data, rank, world, args.seq_len, int(args.max_data_mb * 1e6))
     model = build_model(args, device)
-    cfg = EngineConfig(precision=args.precision, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+    cfg = EngineConfig(precision=args.precision, optimizer=args.optimizer, lr=args.lr,
+                       **optimizer_settings(args.optimizer), weight_decay=args.weight_decay,
                        clip_grad_norm=args.clip, grad_accum_steps=args.grad_accum, comm_dtype=args.comm_dtype,
                        comm_timeout=args.comm_timeout, zero_stage=getattr(args, "zero", 0),
                        # the GPT uses each parameter inside its own module's forward
@@ -69,16 +82,26 @@ def train(args, stop=None):
     engine = Engine(model, cfg, param_groups=decay_groups(model, args.weight_decay))
     if engine.world_size != world:
         raise RuntimeError(f"expected {world} ranks, the process group has {engine.world_size}")
-    sched = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(args))
+    lr_at = lr_lambda(args)
+    sched = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_at)
     start = 0
-    if args.resume:
+    if args.resume and not checkpoints.any_checkpoint(engine, out):
+        if rank == 0:  # it stopped before its first checkpoint: it starts again (cli.py said so)
+            rundir.truncate_metrics(out, 0)
+    elif args.resume:
         extra, path = checkpoints.load_newest_good(engine, out)
         saved_world = (extra or {}).get("world_size", world)
         start = engine.boundary_steps
         sched.last_epoch = start
+        for group, base in zip(engine.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_at(start)  # the run's own schedule, whatever was saved
         if rank == 0:
             rundir.truncate_metrics(out, start)
+            abandoned = checkpoints.remove_after(out, path)
             log.info("resumed %s at step %d from %s", out, start, path.name)
+            if abandoned:
+                log.warning("removed %s: written after %s by the run that stopped, they are not part of the run "
+                            "that continues from it", ", ".join(abandoned), path.name)
             if saved_world != world:
                 log.warning("the run had %d rank(s), this one has %d: the weights and optimizer state carry over "
                             "exactly, but each rank now reads another part of the data", saved_world, world)
@@ -107,6 +130,7 @@ def train(args, stop=None):
     try:
         while step < args.steps:
             t0 = time.perf_counter()
+            lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses
             if graph is not None and graph.ready(step - start):
                 x, y = data.train_batch(args.seed, step, 0, args.batch_size)
                 loss, result = graph.step(x, y)
@@ -130,7 +154,7 @@ def train(args, stop=None):
                 st = engine.stats()
                 exposed = st["exposed_comm_s"] - comm_prev["exposed_comm_s"]
                 comm_prev = st
-            _record(log_, engine, loss, result, step, t0, t1, t2, exposed)
+            _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed)
             step += 1
             if device.type == "cuda" and (step % args.log_every == 0 or step == args.steps):
                 comm_prev = log_.spread_exposed(engine.stats(), comm_prev)
@@ -181,10 +205,10 @@ def train(args, stop=None):
     return 130 if interrupted else 0
 
 
-def _record(log_, engine, loss, result, step, t0, t1, t2, exposed):
+def _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed):
     log_.add(torch.stack([loss.reshape(()), engine.scaler.scale_tensor.reshape(()), result.flag.reshape(()),
                           engine.grad_norm_tensor.reshape(())]),
-             {"step": step + 1, "lr": engine.optimizer.param_groups[0]["lr"], "fwd_bwd_s": t1 - t0,
+             {"step": step + 1, "lr": lr, "fwd_bwd_s": t1 - t0,
               "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed), "step_s": t2 - t0})
 
 
