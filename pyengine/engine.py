@@ -47,6 +47,11 @@ class Engine:
     def grads(self):
         return self._parts.guard
 
+    @property
+    def stats_counters(self):
+        """The CommStats behind stats() (the benchmarks reset it between phases)."""
+        return self._parts.stats
+
     # -- the training step -------------------------------------------------------------------
     def backward(self, loss):
         """loss x loss_scale / grad_accum_steps -> autograd. Once per micro-batch."""

@@ -361,11 +361,11 @@ def ulps(a, b):
 
 
 def torch_bias_terms(lr, beta1, beta2, step):
-    """torch.optim.Adam's Python-float step_size and bias_correction2_sqrt (betas as the core
-    holds them: float32 values)."""
-    bc1 = 1 - f32(beta1) ** step
-    bc2 = 1 - f32(beta2) ** step
-    return f32(lr) / bc1, math.sqrt(bc2)
+    """torch.optim.Adam's Python-float step_size and bias_correction2_sqrt: in double, from
+    the betas as the user wrote them (the core's hyper block holds them as doubles)."""
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    return lr / bc1, math.sqrt(bc2)
 
 
 def one_step_coefficients(beta1, beta2, step, device="cpu", lr=1e-3, kind="adamw"):

@@ -96,7 +96,7 @@ def _bench_rank(rank, world, device, gcfg, batch, accum, iters, variants_spec, t
             fn()
     for _, _, engine in variants:
         if engine is not None:
-            engine._stats.__init__()
+            engine.stats_counters.__init__()
     samples = [[] for _ in variants]
     for _ in range(iters):
         for i, (_, fn, _) in enumerate(variants):
