@@ -144,10 +144,29 @@ def inexact_reason(parts):
     return None
 
 
+class _OwnerRef:
+    """p._pyengine_owner: a weak reference to the Engine training p. A copy of the parameter
+    (copy.deepcopy, pickle / torch.save of the model) is no engine's: it copies as None."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, engine):
+        self.ref = weakref.ref(engine)
+
+    def __call__(self):
+        return self.ref()
+
+    def __reduce__(self):
+        return type(None), ()
+
+    def __deepcopy__(self, memo):
+        return None
+
+
 def claim(parts, engine):
     """Marks the parameters as trained by `engine` (a second Engine on them is refused)."""
     for p in parts.params:
-        p._pyengine_owner = weakref.ref(engine)
+        p._pyengine_owner = _OwnerRef(engine)
 
 
 def release(parts, engine):

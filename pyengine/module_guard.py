@@ -9,6 +9,7 @@ outermost call, notes every parameter's tensor, .grad and buffer, and puts them 
 the conversion raises. It costs nothing on the training path.
 """
 import threading
+import types
 
 _state = threading.local()
 
@@ -18,29 +19,47 @@ class ModuleGuard:
         self.model = model
         self.modules = list(model.modules())
         for m in self.modules:
-            m.__dict__["_apply"] = self._wrap(m)
-
-    def _wrap(self, module):
-        original = type(module)._apply.__get__(module)
-
-        def _apply(fn, *args, **kwargs):
-            if getattr(_state, "depth", 0):
-                return original(fn, *args, **kwargs)
-            saved = _snapshot(self.model)
-            _state.depth = 1
-            try:
-                return original(fn, *args, **kwargs)
-            except BaseException:
-                _restore(saved)
-                raise
-            finally:
-                _state.depth = 0
-
-        return _apply
+            m.__dict__["_apply"] = _GuardedApply(m, model)
 
     def remove(self):
         for m in self.modules:
-            m.__dict__.pop("_apply", None)
+            if isinstance(m.__dict__.get("_apply"), _GuardedApply):
+                del m.__dict__["_apply"]
+
+
+class _GuardedApply:
+    """module._apply for one module of an Engine-trained model.
+
+    Note: a copy of the model (copy.deepcopy, pickle / torch.save of the whole model) is not
+    the engine's: it gets the module's own _apply back, bound to the copy."""
+
+    def __init__(self, module, model):
+        self.module, self.model = module, model
+
+    def __call__(self, fn, *args, **kwargs):
+        original = type(self.module)._apply.__get__(self.module)
+        if getattr(_state, "depth", 0):
+            return original(fn, *args, **kwargs)
+        saved = _snapshot(self.model)
+        _state.depth = 1
+        try:
+            return original(fn, *args, **kwargs)
+        except BaseException:
+            _restore(saved)
+            raise
+        finally:
+            _state.depth = 0
+
+    def __reduce__(self):
+        return _plain_apply, (self.module,)
+
+    def __deepcopy__(self, memo):
+        return _plain_apply(memo.get(id(self.module), self.module))
+
+
+def _plain_apply(module):
+    """The module's own _apply, bound to it (what a copy of the model gets)."""
+    return types.MethodType(type(module)._apply, module)
 
 
 def _snapshot(model):

@@ -6,6 +6,8 @@ tensor's whole storage: torch.save(model.classifier.state_dict()) wrote the whol
 parameters hands out the same views (no copy: writing into the state dict still writes the
 model, as in PyTorch) as a tensor type that pickles and deep-copies only its own elements.
 """
+import functools
+
 import torch
 
 
@@ -33,8 +35,8 @@ class StateViews:
         for module in model.modules():
             names = tuple(k for k, p in module._parameters.items() if p is not None and id(p) in owned)
             if names:
-                self._handles.append(module.register_state_dict_post_hook(
-                    lambda m, sd, prefix, meta, names=names: _compact(sd, prefix, names)))
+                # a module-level function: the hook pickles with the model (torch.save(model))
+                self._handles.append(module.register_state_dict_post_hook(functools.partial(_compact, names)))
 
     def remove(self):
         for h in self._handles:
@@ -42,7 +44,7 @@ class StateViews:
         self._handles = []
 
 
-def _compact(state_dict, prefix, names):
+def _compact(names, module, state_dict, prefix, local_metadata):
     for n in names:
         key = prefix + n
         v = state_dict.get(key)

@@ -74,7 +74,7 @@ MUTANTS = [
            "counts.py", "            if c in updated:", "            if False:",
            ("test_torch_parity.py::test_layer_frozen_after_build_is_left_alone_and_keeps_its_step_count",)),
     Mutant("cast-not-undone", "a refused module cast leaves the weights it moved out of the engine's buffers",
-           "module_guard.py", "                _restore(saved)", "                pass",
+           "module_guard.py", "            _restore(saved)", "            pass",
            ("test_torch_parity.py::test_refused_module_cast_leaves_the_model_as_it_was",)),
     Mutant("forward-reads-before-gather", "a module's forward does not wait for its parameters' all-gather",
            "ddp/reducer.py", "self.overlap.wait_gather(self._bucket_of[i])", "pass",

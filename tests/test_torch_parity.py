@@ -388,3 +388,23 @@ def test_lion_trains_as_its_reference_and_saves_torch_format_state():
         torch.testing.assert_close(st["exp_avg"], state[id(p)], rtol=RTOL, atol=ATOL)
     with pytest.raises(ValueError, match="eps.*does not use it"):
         EngineConfig(optimizer="lion", eps=1e-6)
+
+
+def test_a_copy_of_the_model_is_plain_pytorch():
+    """copy.deepcopy and torch.save of the whole model give models no engine trains: they cast,
+    move and pickle as PyTorch's, and the original stays guarded."""
+    import copy
+
+    m = Conv()
+    e = Engine(m, EngineConfig())  # noqa: F841 (kept alive: it trains the model)
+    c = copy.deepcopy(m)
+    c.double()
+    assert c.conv.weight.dtype == torch.float64 and m.conv.weight.dtype == torch.float32
+    loaded = torch.load(io.BytesIO(_saved(m)), weights_only=False)
+    loaded.half()
+    assert loaded.head.weight.dtype == torch.float16
+    loaded.float()
+    Engine(loaded, EngineConfig())  # a copy is no engine's: a new Engine may take it
+    with pytest.raises(pyengine.UsageError):
+        m.half()
+    assert m.conv.weight.dtype == torch.float32
