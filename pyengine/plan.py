@@ -85,7 +85,6 @@ class StepPlan:
             self._local, self._global = _with_phase(mod, a, STEP_LOCAL), _with_phase(mod, a, STEP_GLOBAL)
         self.zero_in_pass = zero_in_pass
         self._clear_grads = (g.data_ptr(), dtype_code(g), g.numel(), 0.0)
-        self._grad_code = dtype_code(g)
         self._flat, self._opt_grads, self._optimizer, self._counts = flat, opt_grads, optimizer, counts
         self._fn = getattr(mod, optimizer.spec.native)
         self._grad_coef, self._found_inf = scalars.ptr("grad_coef"), scalars.ptr("found_inf")
@@ -101,6 +100,7 @@ class StepPlan:
             ranges = [(gi, sp.start, sp.start, sp.numel) for gi, sp in enumerate(flat.layout.groups)]
         self._ranges = [r for r in ranges if r[3] > 0]
         self._cache = {}
+        self._settled = set()  # keys whose skipped parameters already have cohorts of their own
         # fp32 main grads: where each parameter's half gradient is added (grads.py's hook)
         self._main = [(_at(g, s.offset), s.numel) for s in flat.layout.slots] if main_grads else None
 
@@ -199,26 +199,18 @@ class StepPlan:
 
     def update(self, stream, skipped: tuple = ()):
         """One fused optimizer pass per contiguous run of one cohort of the parameters not
-        `skipped` (per owned bucket slice when the state is sharded)."""
+        `skipped` (per owned bucket slice when the state is sharded). The skipped ones
+        received no gradient: their gradient buffers hold nothing to clear."""
         self.sync_hyper(stream)
         passes = self.passes_for(skipped)
         if skipped:
-            before = self._counts.version
-            self._counts.split(skipped, {p.cohort for p in passes})  # before the passes advance the counts
-            if self._counts.version != before:
+            key = (skipped, self._counts.version, len(self._flat.state))
+            if key not in self._settled:
+                self._counts.split(skipped, {p.cohort for p in passes})  # before the passes advance the counts
                 passes = self.passes_for(skipped)
+                self._settled.add((skipped, self._counts.version, len(self._flat.state)))
         for p in passes:
             p.fn(p.args, stream)
-        if skipped and self.zero_in_pass:
-            self.clear_params(skipped, stream)
-
-    def clear_params(self, indices, stream):
-        """Clears the gradients of the parameters a step left out (the passes clear the rest)."""
-        g, code = self._flat.grad_flat, self._grad_code
-        for i in indices:
-            s = self._flat.layout.slots[i]
-            if s.numel:
-                self.mod.fill(_at(g, s.offset), code, s.numel, 0.0, stream)
 
     def zero_grads(self, stream):
         """Clears the gradient buffer when the optimizer pass did not."""

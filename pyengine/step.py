@@ -113,7 +113,7 @@ class StepPipeline:
         p.guard.after_backward()
         communicating = reducer is not None and last
         if communicating:
-            reducer.end_of_backward(frozen=self._frozen())
+            reducer.end_of_backward(frozen=self._frozen)
         w.end_backward(communicating)
         p.tracer.span("backward", t0, time.perf_counter(), micro=w.micro)
 
@@ -191,20 +191,19 @@ class StepPipeline:
         return [i for i, q in enumerate(params) if not q.requires_grad]
 
     def _skipped(self) -> tuple:
-        """The parameters torch.optim would skip in this step: frozen ones and those that
-        received no gradient in the window (globally, under data parallel)."""
-        p, w = self.parts, self.window
-        frozen = self._frozen()
-        used = w.used
-        if p.reducer is not None:
-            if p.config.find_unused_parameters:
-                used = p.reducer.global_used(used)
-            elif not frozen:
-                return ()  # every trainable parameter got a gradient, or backward raised
-        if not frozen and used.count(0) == 0:
+        """The parameters torch.optim would skip in this step: those whose .grad would be
+        None, i.e. that received no gradient in the window (on any rank, under data parallel):
+        unused ones and ones frozen with requires_grad_(False). Their gradient buffers hold
+        nothing to clear (nothing landed since the last clear).
+
+        Note: torch.optim skips by `p.grad is None`, not by requires_grad: a layer frozen
+        after its backward still steps there, and here (it received a gradient)."""
+        p, used = self.parts, self.window.used
+        if p.reducer is not None and p.config.find_unused_parameters:
+            used = p.reducer.global_used(used)
+        if used.count(0) == 0:
             return ()
-        unused = [i for i, u in enumerate(used) if not u]
-        return tuple(sorted(set(frozen) | set(unused)))
+        return tuple(i for i, u in enumerate(used) if not u)
 
     def _check_outsiders(self):
         """A parameter frozen when the Engine was built (and not in its param_groups) that was

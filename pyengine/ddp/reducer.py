@@ -131,13 +131,15 @@ class Reducer:
         for k in launch:
             self.overlap.launch(self.works[k])
 
-    def end_of_backward(self, frozen=()):
-        """After autograd: parameters that got no gradient (the `frozen` ones, frozen with
+    def end_of_backward(self, frozen=list):
+        """After autograd: parameters that got no gradient (those `frozen()` lists, frozen with
         requires_grad_(False) since the Engine was built, are expected to get none)."""
         if not self.tracker.armed:
             return
-        frozen = set(frozen)
-        missing = [i for i in self.tracker.missing() if i not in frozen]
+        missing = self.tracker.missing()
+        if missing:
+            frozen = set(frozen())
+            missing = [i for i in missing if i not in frozen]
         if missing and not self.cfg.find_unused_parameters:
             self.abort()
             names = ", ".join(self.names[i] for i in missing[:8])
