@@ -3,8 +3,9 @@ scalars, optimizer, communication, gradient guard, step plan.
 
 Note: each part is built once here and handed what it needs; no part reaches into another
 through the Engine. What changes between steps is the Window's (window.py); what the step
-does with the parts is the pipeline's (step.py). Names, rank and world size live here once:
-`Parts.names`, `Parts.rank`, `Parts.world_size`.
+does with the parts is the pipeline's (step.py). The parameters' names live once, in
+`Parts.names` (the list every part is handed), rank and world size in the communicator
+(`Parts.rank`, `Parts.world_size` and the reducer read them there).
 """
 import warnings
 import weakref
@@ -38,6 +39,15 @@ class Parts:
     @property
     def micro_step(self) -> int:
         return self.window.micro
+
+    @property
+    def rank(self) -> int:
+        """This process's rank: the communicator's (0 on one process)."""
+        return self.comm.rank if self.comm is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size if self.comm is not None else 1
 
 
 def build(model, config, param_groups) -> Parts:
@@ -75,11 +85,9 @@ def build(model, config, param_groups) -> Parts:
     parts.device = device
     parts.mod = _native.cuda_module() if device.type == "cuda" else _native._C
     parts.comm, parts.reducer = None, None
-    parts.rank, parts.world_size = 0, 1
     parts.tracer, parts.stats = Tracer(None), CommStats()
     if parts.distributed:
         parts.comm = pdist.make_comm(cfg, device)
-        parts.rank, parts.world_size = parts.comm.rank, parts.comm.world_size
         pdist.check_agreement(parts.comm, pdist.fingerprint(named, cfg), "the model or EngineConfig")
         if cfg.broadcast_params:
             broadcast_initial_state(parts)

@@ -29,8 +29,6 @@ class Reducer:
     def __init__(self, flat, comm, cfg, mod, scalars, names, tracer, stats, modules=()):
         self.flat, self.comm, self.cfg, self.mod, self.names = flat, comm, cfg, mod, names
         self._modules = list(modules)  # the model's, for overlap_param_gather's hooks
-        self.world = comm.world_size
-        self.rank = comm.rank
         self.wire_dtype = DTYPES[cfg.comm_dtype] if cfg.comm_dtype else flat.grad_dtype
         self.cuda = flat.device.type == "cuda"
         self._inv_scale = scalars.ptr("inv_scale")
@@ -41,6 +39,14 @@ class Reducer:
         self._gathers_overlap = cfg.overlap_param_gather  # False once a forward used a parameter early
         self._gathers_checked = False
         self.build(record_order=cfg.rebuild_buckets)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank  # the one place rank and world size live: the communicator
+
+    @property
+    def world(self) -> int:
+        return self.comm.world_size
 
     @property
     def sharded(self) -> bool:
