@@ -101,6 +101,7 @@ class StepPlan:
         self._ranges = [r for r in ranges if r[3] > 0]
         self._cache = {}
         self._settled = set()  # keys whose skipped parameters already have cohorts of their own
+        self._default, self._default_version, self._default_states = None, None, None
         # fp32 main grads: where each parameter's half gradient is added (grads.py's hook)
         self._main = [(_at(g, s.offset), s.numel) for s in flat.layout.slots] if main_grads else None
 
@@ -114,12 +115,17 @@ class StepPlan:
         """The fused passes of a step that leaves the parameters `skipped` (canonical indices,
         sorted) untouched: contiguous runs of one cohort each (counts.py, Note [cohorts]).
         Cached by what they depend on."""
+        if (not skipped and self._counts.version == self._default_version
+                and len(self._flat.state) == self._default_states):
+            return self._default  # the common step: every parameter updated, nothing changed
         key = (skipped, self._counts.version, len(self._flat.state))
         passes = self._cache.get(key)
         if passes is None:
             if len(self._cache) > 16:
                 self._cache.clear()
             passes = self._cache[key] = self._build_passes(set(skipped))
+        if not skipped:
+            self._default, self._default_version, self._default_states = passes, key[1], key[2]
         return passes
 
     def _build_passes(self, skipped) -> list:

@@ -72,6 +72,7 @@ class StepPipeline:
         self.window = parts.window
         self._last_result = None  # weakref to the last boundary StepResult (see StepResult)
         self._mark_used = self.window.used.__setitem__
+        self._find_unused = parts.reducer is not None and parts.config.find_unused_parameters
         parts.guard.install_hooks(self.grad_landed)
 
     # -- backward ------------------------------------------------------------------------------
@@ -144,10 +145,11 @@ class StepPipeline:
         tracing = p.tracer.enabled
         t0 = time.perf_counter() if tracing else 0.0
         self.check_skip_run()
-        self._check_outsiders()
+        if p.outsiders:
+            self._check_outsiders()
         if p.guard.before_step(check_placement=w.boundaries % _PLACEMENT_CHECK_EVERY == 0):
             p.flat.refresh_master()  # the parameters were written in place
-        skipped = self._skipped()
+        skipped = self._skipped() if self._may_skip() else ()
         w.end_micro_step()
         last = self._last_result() if self._last_result is not None else None
         if last is not None:
@@ -189,6 +191,10 @@ class StepPipeline:
         if all(map(_requires_grad, params)):
             return []
         return [i for i, q in enumerate(params) if not q.requires_grad]
+
+    def _may_skip(self) -> bool:
+        """Some parameter may have received no gradient (one host scan, no Python loop)."""
+        return self._find_unused or self.window.used.count(0) != 0
 
     def _skipped(self) -> tuple:
         """The parameters torch.optim would skip in this step: those whose .grad would be

@@ -17,6 +17,7 @@ class Window:
         self.n_params = n_params
         self.boundaries = 0  # boundary steps taken (host count; the device keeps its own)
         self.used = bytearray(n_params)  # 1: parameter i received a gradient in this window
+        self._none_used = bytes(n_params)
         self.in_backward = False  # inside engine.backward()'s autograd call
         self.reset()
 
@@ -26,7 +27,7 @@ class Window:
         self.backward_pending = False  # a backward ran and waits for its step()
         self.in_flight = False  # the boundary micro-batch's gradients are being communicated
         self.dirty = False  # some micro-batch accumulated since the last clear
-        self.used[:] = bytes(self.n_params)  # in place: the gradient hooks hold its __setitem__
+        self.used[:] = self._none_used  # in place: the gradient hooks hold its __setitem__
 
     # -- what readers ask ----------------------------------------------------------------------
     @property
@@ -71,4 +72,6 @@ class Window:
 
     def end_boundary(self):
         self.boundaries += 1
-        self.reset()
+        self.micro = 0
+        self.backward_pending = self.in_flight = self.dirty = False
+        self.used[:] = self._none_used
