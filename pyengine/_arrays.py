@@ -65,6 +65,19 @@ def _numel(shape):
     return n
 
 
+def torch_device(x, name: str):
+    """(kind, index) of a contiguous torch tensor on cpu or cuda; ValueError naming `name` else."""
+    import torch
+
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous() first)")
+    if x.device.type == "cuda":
+        return ("cuda", x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if x.device.type == "cpu":
+        return ("cpu", -1)
+    raise ValueError(f"{name}: tensors on {x.device.type} are not supported (use cpu or cuda)")
+
+
 def view(x, name: str, writable: bool = False) -> ArrayView:
     """Validates that x is a contiguous float32/float16/bfloat16 array and describes it."""
     mod = type(x).__module__ or ""
@@ -75,15 +88,7 @@ def view(x, name: str, writable: bool = False) -> ArrayView:
             code = _torch_dtype_code(x)
             if code is None:
                 raise TypeError(f"{name}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
-            if not x.is_contiguous():
-                raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous() first)")
-            if x.device.type == "cuda":
-                dev = ("cuda", x.device.index if x.device.index is not None else torch.cuda.current_device())
-            elif x.device.type == "cpu":
-                dev = ("cpu", -1)
-            else:
-                raise ValueError(f"{name}: tensors on {x.device.type} are not supported (use cpu or cuda)")
-            return ArrayView(name, x.data_ptr(), x.numel(), code, dev, "torch", x)
+            return ArrayView(name, x.data_ptr(), x.numel(), code, torch_device(x, name), "torch", x)
     iface = getattr(x, "__cuda_array_interface__", None)
     kind = "cai"
     if iface is None:

@@ -13,7 +13,7 @@ from operator import attrgetter, methodcaller
 
 from . import _native
 from ._checks import _bool, check_number
-from ._arrays import DTYPE_NAMES, F32, ArrayView, _current_cuda_device, _torch_dtype_code, view
+from ._arrays import DTYPE_NAMES, F32, ArrayView, _current_cuda_device, _torch_dtype_code, torch_device, view
 
 __all__ = [
     "accumulate_", "fill_", "cast_scale", "unscale_check_sumsq", "clip_coef", "adam_step", "adamw_step",
@@ -281,16 +281,9 @@ def _step_counter(x, name="step"):
         if isinstance(x, torch.Tensor):
             if x.dtype != torch.int64:
                 raise TypeError(f"{name}: expected an int64 step counter, got {x.dtype}; {hint}")
-            if not x.is_contiguous():
-                raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous() first)")
+            dev = torch_device(x, name)
             if x.numel() < 1:
                 raise ValueError(f"{name}: expected an int64 array of at least 1 element(s), got 0")
-            if x.device.type == "cuda":
-                dev = ("cuda", x.device.index if x.device.index is not None else torch.cuda.current_device())
-            elif x.device.type == "cpu":
-                dev = ("cpu", -1)
-            else:
-                raise ValueError(f"{name}: tensors on {x.device.type} are not supported (use cpu or cuda)")
             return _CounterView(name, x.data_ptr(), 1, dev, "torch", x)
     iface = getattr(x, "__cuda_array_interface__", None)
     kind = "cai"

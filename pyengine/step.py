@@ -90,7 +90,8 @@ class StepPipeline:
         if w.backward_pending:
             raise RuntimeError("Engine.backward was called twice without engine.step() in between; sum the losses "
                                "of one micro-batch and call backward once, then engine.step() (every micro-batch)")
-        self._check_outsiders()
+        if p.outsiders:
+            self._check_outsiders()
         t0 = time.perf_counter()
         last = w.next_is_boundary
         reducer = p.reducer
@@ -215,7 +216,7 @@ class StepPipeline:
         """A parameter frozen when the Engine was built (and not in its param_groups) that was
         unfrozen since: the engine keeps no buffers for it and cannot train it."""
         p = self.parts
-        if p.outsiders and any(map(_requires_grad, p.outsiders)):
+        if any(map(_requires_grad, p.outsiders)):
             name = next(p.outsider_names[id(q)] for q in p.outsiders if q.requires_grad)
             raise UsageError(
                 f"pyengine: parameter {name} was frozen (requires_grad=False) when the Engine was built, so the "

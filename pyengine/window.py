@@ -55,9 +55,6 @@ class Window:
         self.in_backward = False
         self.reset()
 
-    def mark_used(self, i: int):
-        self.used[i] = 1
-
     def forget(self, indices):
         """Gradients cleared to None: those parameters have received nothing in this window."""
         used = self.used
@@ -72,6 +69,4 @@ class Window:
 
     def end_boundary(self):
         self.boundaries += 1
-        self.micro = 0
-        self.backward_pending = self.in_flight = self.dirty = False
-        self.used[:] = self._none_used
+        self.reset()
