@@ -65,7 +65,7 @@ def build(model, config, param_groups) -> Parts:
     named, groups, options = resolve_groups(param_groups, model, cfg, spec)
     check_supported(model, named)
     parts = Parts()
-    parts.config, parts.model, parts.spec = cfg, model, spec
+    parts.config, parts.model = cfg, model
     parts.names = [n for n, _ in named]
     parts.params = [p for _, p in named]  # canonical (registration) order: checkpoints use it
     # parameters of the model the engine does not train (frozen when it was built)

@@ -95,8 +95,8 @@ class GradGuard:
 
     inexact: None when p.grad holds the true gradient between backward and step (gradient
     buffer in the param dtype, no loss scaling, one process); else why it does not. It reads
-    the accumulation window's state (window.py) and never writes it but through the
-    pipeline's calls; the gradient hooks are the pipeline's (install_hooks).
+    the accumulation window's state (window.py); its one write there is Window.forget(), when
+    a user clears gradients to None. The gradient hooks are the pipeline's (install_hooks).
     """
 
     def __init__(self, flat, names: List[str], inexact: Optional[str], window):

@@ -1,5 +1,6 @@
 """Window: the state of one accumulation window, from the first micro-batch's backward to the
-boundary step, with one writer (the StepPipeline, step.py) and one reset().
+boundary step, written by the StepPipeline (step.py) and reset by one reset(); the one other
+write is forget(), when a user clears gradients to None (grads.py).
 
 Note: everything that changes between two boundary steps lives here and nowhere else: how
 many micro-batches ran, whether a backward waits for its step, whether the boundary
