@@ -76,8 +76,11 @@ class EngineGrad(torch.Tensor):
                 if name == "__set__" and len(args) == 2 and args[1] is args[0]:
                     return None  # grad.data = grad: what Module._apply does after a no-op conversion
                 if name in _CONVERSIONS and args and args[0] is handles[0]:
-                    with torch._C.DisableTorchFunctionSubclass():
-                        out = func(*args, **kwargs)
+                    try:
+                        with torch._C.DisableTorchFunctionSubclass():
+                            out = func(*args, **kwargs)
+                    except RuntimeError:  # e.g. channels_last of the fp32-main-grad placeholder (sparse)
+                        out = None
                     if out is args[0]:
                         return out  # a no-op conversion (already on that device, in that dtype)
                     guard.moved(handles[0]._pe_index)

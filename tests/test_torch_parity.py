@@ -214,17 +214,18 @@ class Conv(torch.nn.Module):
         return self.head(self.norm(self.conv(x)).flatten(1))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("cast", [lambda m: m.to(memory_format=torch.channels_last), lambda m: m.half(),
                                   lambda m: m.double()])
-def test_refused_module_cast_leaves_the_model_as_it_was(cast):
+def test_refused_module_cast_leaves_the_model_as_it_was(cast, precision):
     m = Conv()
-    e = Engine(m, EngineConfig())
-    x = torch.randn(2, 2, 6, 6)
+    e = Engine(m, EngineConfig(precision=precision))  # bf16: p.grad is the fp32-main-grad placeholder
+    x = torch.randn(2, 2, 6, 6).to(torch.bfloat16 if precision == "bf16" else torch.float32)
     e.backward(m(x).square().mean())
     e.step()
     tensors = list(m.parameters()) + list(m.buffers())
     before = [(t.data_ptr(), t.stride(), t.dtype, t.detach().clone()) for t in tensors]
-    with pytest.raises(RuntimeError, match="moved or cast"):
+    with pytest.raises(pyengine.UsageError, match="moved or cast"):
         cast(m)
     after = list(m.parameters()) + list(m.buffers())
     for (ptr, stride, dtype, values), t in zip(before, after):
