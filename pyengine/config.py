@@ -66,6 +66,13 @@ class EngineConfig:
           Only for models whose parameters are used inside their own module's forward.
       comm_timeout: seconds before a stuck collective fails the job with an error.
       broadcast_params: copy rank 0's parameters and buffers to every rank at start.
+      deterministic: the same bits at any number of ranks (deterministic.py, Note [one tree
+          at any world size]): the G = grad_accum_steps x world_size micro-batches of a step
+          are summed in one fixed binary tree, the loss scaled once by 1/G, the ranks
+          combined by a fixed-pairing exchange and the norm folded over fixed chunks of the
+          parameters' registration order. Keep G fixed (grad_accum_steps = G / world_size)
+          and a run at 1, 2, 4, ... ranks gives bitwise the same weights. World sizes: powers
+          of two; the wire carries the accumulation dtype (comm_dtype None or that dtype).
 
     Observability
       trace_path: write a Chrome trace (chrome://tracing, Perfetto) of backward, buckets
@@ -103,6 +110,7 @@ class EngineConfig:
     overlap_param_gather: bool = False
     comm_timeout: float = 300.0
     broadcast_params: bool = True
+    deterministic: bool = False
     trace_path: Optional[str] = None
 
     def __post_init__(self):
@@ -128,10 +136,15 @@ class EngineConfig:
             raise ValueError("EngineConfig.overlap_param_gather: only with zero_stage=1 (without sharding there are no "
                              "parameters to gather)")
         for flag in ("overlap_param_gather", "find_unused_parameters", "rebuild_buckets", "broadcast_params",
-                     "nesterov", "maximize", "consecutive_hysteresis"):
+                     "nesterov", "maximize", "consecutive_hysteresis", "deterministic"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"EngineConfig.{flag}: expected True or False, got {type(getattr(self, flag)).__name__}")
         self._check_optimizer_fields()
+        if self.deterministic and self.comm_dtype is not None and self.comm_dtype != self.accumulation_dtype:
+            raise ValueError(
+                f"EngineConfig.comm_dtype: {self.comm_dtype!r} with deterministic=True; the wire must carry the "
+                f"accumulation dtype ({self.accumulation_dtype!r} here): a narrower wire would round the partial sums "
+                "at tree levels that depend on the number of ranks. Leave comm_dtype=None")
         # the scale lives in float32 on the device: finite, and within its bounds
         if isinstance(self.loss_scale, str):
             _choice("loss_scale", self.loss_scale, ("dynamic",))
@@ -159,6 +172,11 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}: set to {getattr(self, name)!r}, but optimizer="
                                  f"{self.optimizer!r} does not use it (it is {'/'.join(owners)}'s); remove it or "
                                  "change the optimizer")
+
+    @property
+    def accumulation_dtype(self) -> str:
+        """The dtype gradients are summed in: fp32, or the half precision with accum_dtype='param'."""
+        return "fp32" if self.accum_dtype == "fp32" else self.precision
 
     @property
     def dynamic_scaling(self) -> bool:
