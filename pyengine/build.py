@@ -15,6 +15,7 @@ import torch
 from . import _native
 from .config import EngineConfig
 from .counts import StepCounts
+from .deterministic import ChunkNorm, TreeAccumulator, check_world
 from .flat import DTYPES, FlatBuffers
 from .grads import GradGuard
 from .layout import Layout
@@ -88,6 +89,8 @@ def build(model, config, param_groups) -> Parts:
     parts.tracer, parts.stats = Tracer(None), CommStats()
     if parts.distributed:
         parts.comm = pdist.make_comm(cfg, device)
+        if cfg.deterministic:
+            check_world(parts.comm.world_size, cfg.grad_accum_steps)
         pdist.check_agreement(parts.comm, pdist.fingerprint(named, cfg), "the model or EngineConfig")
         if cfg.broadcast_params:
             broadcast_initial_state(parts)
@@ -106,7 +109,7 @@ def build(model, config, param_groups) -> Parts:
     layout = Layout([p.numel() for p in parts.params], [sorted(g, reverse=True) for g in groups],
                     bucket_elems=int(cfg.bucket_mb * MiB // wire_bytes) if parts.distributed else None,
                     first_bucket_elems=int(cfg.first_bucket_mb * MiB // wire_bytes) if parts.distributed else None,
-                    shard_world=shard_world)
+                    shard_world=shard_world, deterministic=cfg.deterministic)
     parts.flat = FlatBuffers(layout, parts.params, dtype, grad_dtype, spec.states(options), device, rank=parts.rank)
     if dtype != torch.float32:
         model.to(dtype)  # frozen params and buffers; the trainable params already are views in dtype
@@ -118,14 +121,18 @@ def build(model, config, param_groups) -> Parts:
             group_of[i] = gi
     parts.counts = StepCounts(group_of, len(groups), device)
     parts.window = Window(cfg.grad_accum_steps, len(parts.params))
+    # deterministic: this rank's micro-batch tree, and the chunked norm (deterministic.py)
+    parts.tree = (TreeAccumulator(cfg.grad_accum_steps, parts.flat.grad_flat)
+                  if cfg.deterministic and cfg.grad_accum_steps > 1 else None)
+    parts.norm = make_norm(parts)
     parts.optimizer = FusedOptimizer(spec, [{"params": [parts.params[i] for i in g], **o}
                                             for g, o in zip(groups, options)], spec.defaults(cfg), parts)
     if parts.distributed:
         from .ddp import Reducer
 
         parts.reducer = Reducer(parts.flat, parts.comm, cfg, parts.mod, parts.scalars, parts.names, parts.tracer,
-                                parts.stats, modules=list(model.modules()))
-    parts.guard = GradGuard(parts.flat, parts.names, inexact_reason(parts), parts.window)
+                                parts.stats, modules=list(model.modules()), tree=parts.tree, norm=parts.norm)
+    parts.guard = GradGuard(parts.flat, parts.names, inexact_reason(parts), parts.window, parts.tree)
     parts.plan = make_plan(parts)
     return parts
 
@@ -137,7 +144,16 @@ def make_plan(parts) -> StepPlan:
     return StepPlan(parts.mod, flat, parts.scalars, parts.scaler, parts.optimizer, parts.counts, opt_grads,
                     zero_in_pass=opt_grads is flat.grad_flat, max_norm=parts.config.clip_grad_norm,
                     main_grads=flat.main_grads, bucket_rows=r.bucket_stats if r is not None else None,
-                    combine=r.combine_scalars if flat.sharded else None)
+                    combine=r.combine_scalars if flat.sharded and parts.norm is None else None,
+                    norm=parts.norm, whole_norm=r is None)
+
+
+def make_norm(parts):
+    """deterministic: the chunked norm over the current layout's gradient buffer (else None)."""
+    if not parts.config.deterministic:
+        return None
+    return ChunkNorm(parts.mod, parts.flat.layout, parts.flat.grad_flat, parts.scalars,
+                     comm=parts.comm if parts.flat.sharded else None)
 
 
 def inexact_reason(parts):
@@ -149,6 +165,9 @@ def inexact_reason(parts):
         return "the gradients are multiplied by the fp16 loss scale until engine.step()"
     if parts.distributed:
         return "the gradients are averaged across ranks only inside engine.step()"
+    if parts.tree is not None:
+        return ("EngineConfig(deterministic=True) sums the micro-batches' gradients in a fixed tree inside "
+                "engine.step(); .grad holds only the latest micro-batch's")
     return None
 
 

@@ -37,6 +37,8 @@ def local_device(model_device: torch.device) -> torch.device:
 
 
 def make_comm(cfg, device):
+    if cfg.deterministic:
+        return _tree_comm(cfg, device)
     if cfg.comm_backend == "nccl" or (cfg.comm_backend == "auto" and device.type == "cuda"):
         from .comm.nccl_comm import NcclComm, available
 
@@ -46,6 +48,18 @@ def make_comm(cfg, device):
             raise RuntimeError("EngineConfig.comm_backend='nccl' but pyengine was built without NCCL support "
                                "(or no GPU is visible); use comm_backend='torch'")
     return TorchComm()
+
+
+def _tree_comm(cfg, device):
+    """deterministic=True: the fixed-pairing exchange over torch.distributed's point-to-point
+    messages (ddp/exchange.py)."""
+    from .ddp.exchange import TreeComm
+
+    if cfg.comm_backend == "nccl":
+        raise ValueError("EngineConfig(deterministic=True, comm_backend='nccl'): the deterministic exchange runs over "
+                         "torch.distributed's point-to-point messages (NCCL's through torch); pyengine's own NCCL "
+                         "binding has no send/receive yet. Use comm_backend='auto' or 'torch'")
+    return TreeComm(TorchComm(), device, cfg.comm_timeout)
 
 
 def fingerprint(named_params, cfg) -> int:

@@ -115,6 +115,8 @@ class Engine:
         d = p.flat.nbytes_per_param()
         if p.reducer is not None and p.reducer.wire_flat is not p.flat.grad_flat:
             d["comm_buffer"] = p.reducer.wire_flat.element_size()
+        if p.tree is not None:  # deterministic: the micro-batch tree's partial sums
+            d["tree_partials"] = p.tree.bytes_per_element
         d["total"] = sum(d.values())
         return d
 

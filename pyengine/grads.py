@@ -102,8 +102,9 @@ class GradGuard:
     a user clears gradients to None. The gradient hooks are the pipeline's (install_hooks).
     """
 
-    def __init__(self, flat, names: List[str], inexact: Optional[str], window):
+    def __init__(self, flat, names: List[str], inexact: Optional[str], window, tree=None):
         self.flat = flat
+        self.tree = tree  # deterministic: the partial sums that hold the window's earlier micro-batches
         self.names = names
         self.inexact = inexact
         self.window = window
@@ -190,6 +191,7 @@ class GradGuard:
                 self.window.forget((i,))
                 if self.window.dirty:
                     dst.zero_()
+                    self._clear_partials((i,))
             else:
                 with torch._C.DisableTorchFunctionSubclass():
                     dst.copy_(g.reshape(-1))
@@ -261,8 +263,15 @@ class GradGuard:
             else:
                 for i in indices:
                     self.flat.grad_view(i).zero_()
+            self._clear_partials(indices)
         if to_none:
             w.forget(indices)
+
+    def _clear_partials(self, indices):
+        if self.tree is not None:
+            slots = self.flat.layout.slots
+            self.tree.clear([(0, self.flat.layout.numel)] if len(indices) == len(self.handles)
+                            else [(slots[i].offset, slots[i].end) for i in indices])
 
     def moved(self, i):
         """Module.to()/.cuda()/.half() converts each parameter, then its .grad: the parameters

@@ -16,6 +16,13 @@ shard_world x ALIGN and rank r owns the r-th of its shard_world equal slices: th
 reduce-scattered to those slices and all-gathered from them. Rank r's master weights and
 optimizer state are its slices of all buckets, one after another: a contiguous buffer of
 numel / shard_world elements.
+
+Note [the deterministic layout]: with EngineConfig(deterministic=True) every parameter starts
+at a multiple of NORM_CHUNK elements (and buckets pad to NORM_CHUNK x shard_world), so the
+buffers are a sequence of NORM_CHUNK-element chunks that each lie inside one parameter and
+one rank's slice, whatever the buckets, their rebuild or the number of ranks: the norm is
+summed over those chunks (deterministic.py). And rank r owns slice bitrev(r) of each bucket,
+the slice the fixed-pairing exchange leaves it (neighbours pair first, then ranks two apart).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -25,10 +32,20 @@ from typing import List, Optional, Sequence, Tuple
 # SIMD on the CPU. The padding holds zeros in every buffer; a zero gradient leaves it zero
 # through every optimizer, at < ALIGN elements a param (and < shard_world x ALIGN a bucket).
 ALIGN = 16
+NORM_CHUNK = 512  # elements per norm chunk of the deterministic layout (2 KiB in fp32)
 
 
 def align_up(n: int, to: int = ALIGN) -> int:
     return (n + to - 1) // to * to
+
+
+def bit_reverse(r: int, world: int) -> int:
+    """r's log2(world) bits in reverse order (world a power of two)."""
+    out, bit = 0, 1
+    while bit < world:
+        out = (out << 1) | (1 if r & bit else 0)
+        bit <<= 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,7 @@ class Layout:
     """
 
     def __init__(self, numels: Sequence[int], groups: Sequence[Sequence[int]], bucket_elems: Optional[int] = None,
-                 first_bucket_elems: Optional[int] = None, shard_world: int = 1):
+                 first_bucket_elems: Optional[int] = None, shard_world: int = 1, deterministic: bool = False):
         seen = sorted(i for g in groups for i in g)
         if seen != list(range(len(numels))):
             raise ValueError("Layout: every parameter must be in exactly one group")
@@ -90,7 +107,11 @@ class Layout:
             raise ValueError("Layout: shard_world must be >= 1")
         self.numels = tuple(int(n) for n in numels)
         self.bucket_elems, self.first_bucket_elems, self.shard_world = bucket_elems, first_bucket_elems, shard_world
-        pad = ALIGN * shard_world
+        self.deterministic = deterministic
+        if deterministic and shard_world & (shard_world - 1):
+            raise ValueError("Layout: a deterministic layout shards over a power of two ranks")
+        align = self.align = NORM_CHUNK if deterministic else ALIGN
+        pad = align * shard_world
         slots = [None] * len(numels)
         spans, buckets, pos = [], [], 0
         cap = first_bucket_elems or bucket_elems
@@ -103,7 +124,7 @@ class Layout:
                     buckets.append(Span(len(buckets), bstart, pos, tuple(cur), gi))
                     cur, bstart, size, cap = [], pos, 0, bucket_elems
                 slots[i] = Slot(i, gi, pos, n)
-                pos = align_up(pos + n)
+                pos = align_up(pos + n, align)
                 size += n
                 cur.append(i)
             if cur:
@@ -124,12 +145,18 @@ class Layout:
         """Elements of each rank's shard buffers."""
         return self.numel // self.shard_world
 
+    def slice_of(self, rank: int) -> int:
+        """Which of a bucket's shard_world slices rank owns: its own index, or, in the
+        deterministic layout, its bit reversal (Note [the deterministic layout])."""
+        return bit_reverse(rank, self.shard_world) if self.deterministic else rank
+
     def owned(self, rank: int) -> List[Owned]:
         """The bucket slices rank owns, in bucket order (their local offsets follow one another)."""
         out, local = [], 0
+        at = self.slice_of(rank)
         for b in self.buckets:
             chunk = b.numel // self.shard_world
-            start = b.start + rank * chunk
+            start = b.start + at * chunk
             out.append(Owned(b.index, b.group, start, start + chunk, local))
             local += chunk
         return out
@@ -152,7 +179,8 @@ class Layout:
         rank = {i: k for k, i in enumerate(ready_order)}
         late = len(rank)
         groups = [sorted(g.members, key=lambda i: rank.get(i, late)) for g in self.groups]
-        return Layout(self.numels, groups, self.bucket_elems, self.first_bucket_elems, self.shard_world)
+        return Layout(self.numels, groups, self.bucket_elems, self.first_bucket_elems, self.shard_world,
+                      self.deterministic)
 
     def __eq__(self, other):
         return isinstance(other, Layout) and (self.slots, self.buckets) == (other.slots, other.buckets)

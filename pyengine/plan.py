@@ -54,7 +54,7 @@ class StepPlan:
     """
 
     def __init__(self, mod, flat, scalars, scaler, optimizer, counts, opt_grads, zero_in_pass, max_norm, main_grads,
-                 bucket_rows=None, combine=None):
+                 bucket_rows=None, combine=None, norm=None, whole_norm=False):
         self.mod = mod
         self.device = flat.device
         self.cuda = flat.device.type == "cuda"
@@ -83,6 +83,11 @@ class StepPlan:
         self._scalar_args = a
         if combine is not None:
             self._local, self._global = _with_phase(mod, a, STEP_LOCAL), _with_phase(mod, a, STEP_GLOBAL)
+        # deterministic: the chunked norm (deterministic.py) writes found_inf and sumsq; over
+        # the whole buffer here without data parallel, else per bucket after its exchange
+        self._norm, self._whole_norm = norm, whole_norm
+        if norm is not None:
+            self._global = _with_phase(mod, a, STEP_GLOBAL)
         self.zero_in_pass = zero_in_pass
         self._clear_grads = (g.data_ptr(), dtype_code(g), g.numel(), 0.0)
         self._flat, self._opt_grads, self._optimizer, self._counts = flat, opt_grads, optimizer, counts
@@ -175,7 +180,12 @@ class StepPlan:
         """found_inf and sumsq (one read-only pass, or the buckets' rows), grad_norm and
         grad_coef, then the loss-scale update: one native call (two around the ranks'
         combination of found_inf and sumsq with sharded state)."""
-        if self._combine is None:
+        if self._norm is not None:
+            if self._whole_norm:
+                self._norm.add_range(0, self._flat.layout.numel, stream)
+            self._norm.finish()
+            self.mod.step_scalars(self._global, stream)
+        elif self._combine is None:
             self.mod.step_scalars(self._scalar_args, stream)
         else:
             self.mod.step_scalars(self._local, stream)

@@ -73,6 +73,7 @@ class StepPipeline:
         self._last_result = None  # weakref to the last boundary StepResult (see StepResult)
         self._mark_used = self.window.used.__setitem__
         self._find_unused = parts.reducer is not None and parts.config.find_unused_parameters
+        self._global_micro = parts.config.grad_accum_steps * parts.world_size  # G
         parts.guard.install_hooks(self.grad_landed)
 
     # -- backward ------------------------------------------------------------------------------
@@ -100,9 +101,13 @@ class StepPipeline:
         p.guard.before_backward()
         if reducer is not None and last:
             reducer.prepare()
-        scaled = loss.float() * p.scaler.scale_tensor.to(loss.device)
-        if p.config.grad_accum_steps > 1:
-            scaled = scaled / p.config.grad_accum_steps
+        if p.config.deterministic:
+            # one factor for the whole global batch, the same at every world size (deterministic.py)
+            scaled = loss.float() * (p.scaler.scale_tensor.to(loss.device) * (1.0 / self._global_micro))
+        else:
+            scaled = loss.float() * p.scaler.scale_tensor.to(loss.device)
+            if p.config.grad_accum_steps > 1:
+                scaled = scaled / p.config.grad_accum_steps
         w.begin_backward()
         try:
             scaled.backward()
@@ -137,6 +142,8 @@ class StepPipeline:
             raise RuntimeError("Engine.step: no backward since the last step; call engine.backward(loss) "
                                "once per micro-batch before engine.step()")
         if not w.next_is_boundary:
+            if self.parts.tree is not None:
+                self.parts.tree.fold_micro(w.micro)  # deterministic: into this rank's fixed tree
             w.end_micro_step()
             return StepResult(False)
         return self.boundary()
@@ -160,6 +167,8 @@ class StepPipeline:
         # 1. communication done: every bucket allreduced and checked, its (sumsq, found_inf) row written
         if reducer is not None:
             reducer.finish()
+        elif p.tree is not None:
+            p.tree.fold_last(0, p.flat.layout.numel)  # deterministic: the tree's root
         # 2-4. found_inf and sumsq (read-only pass, or the rows in a fixed order: deterministic),
         #      grad_norm and grad_coef = 1/loss_scale x min(1, max_norm / grad_norm), loss scale
         plan.step_scalars(stream)
@@ -244,11 +253,14 @@ class StepPipeline:
     # -- layout rebuild (data parallel), loads ----------------------------------------------------
     def _relayout(self, ready_order):
         """Lay the buffers out in the observed gradient-ready order (rank 0's, broadcast)."""
-        from .build import make_plan
+        from .build import make_norm, make_plan
 
         p = self.parts
         order = p.comm.broadcast_ints(ready_order, 0)
         p.flat.relayout(p.flat.layout.reordered(order), gather_state=self._gather_state)
+        if p.tree is not None:
+            p.tree.allocate(p.flat.grad_flat)
+        p.norm = p.reducer.norm = make_norm(p)
         p.reducer.build(record_order=False)
         p.guard.rebind()
         p.plan = make_plan(p)

@@ -33,6 +33,11 @@
                               ptr<const float>(inv_scale), ptr<float>(found_inf), ptr<float>(sumsq),        \
                               ptr<float>(workspace), s);                                                     \
     }, nogil);                                                                                                \
+    m.def("chunk_sumsq", [](Addr src, int sdt, std::int64_t rows, std::int64_t chunk, Addr inv_scale, Addr out,  \
+                            Addr s) {                                                                    \
+      ns::chunk_sumsq(ptr<const void>(src), dt(sdt), rows, chunk, ptr<const float>(inv_scale),             \
+                      ptr<double>(out), s);                                                                \
+    }, nogil);                                                                                                \
     m.def("clip_coef", [](Addr sumsq, Addr inv_scale, float max_norm, Addr out, Addr s) {                     \
       ns::clip_coef(ptr<const float>(sumsq), ptr<const float>(inv_scale), max_norm, ptr<float>(out), s);    \
     }, nogil);                                                                                                \

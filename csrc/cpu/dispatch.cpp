@@ -7,7 +7,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/convert.h"
 #include "cpu/op_table.h"
+#include "cpu/parallel.h"
 #include "kernels/loss_scale.h"
 #include "kernels/norm.h"
 #include "kernels/optimizers.h"
@@ -88,6 +90,40 @@ void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_
                                        &nonfinite);
   if (sumsq) *sumsq = static_cast<float>(static_cast<double>(*sumsq) + s);
   if (nonfinite && found_inf) *found_inf = 1.0f;
+}
+
+namespace {
+// Note: element j of a chunk goes to lane j % 8, the lanes are folded in one fixed tree, so
+// a chunk's sum is a function of its values alone (not of its address, the thread count or
+// which rank computes it): what the deterministic norm is built on (deterministic.py).
+// A float's square is exact in double, so contraction into an FMA cannot change a bit.
+template <class T> double chunk_sum(const T* x, std::int64_t chunk, float inv) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::int64_t j = 0;
+  for (; j + 8 <= chunk; j += 8) {
+    for (int l = 0; l < 8; ++l) {
+      double y = static_cast<double>(to_float(x[j + l]) * inv);
+      lane[l] += y * y;
+    }
+  }
+  for (; j < chunk; ++j) {
+    double y = static_cast<double>(to_float(x[j]) * inv);
+    lane[j % 8] += y * y;
+  }
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+}  // namespace
+
+void chunk_sumsq(const void* src, DType src_dtype, std::int64_t rows, std::int64_t chunk, const float* inv_scale,
+                 double* out, Stream) {
+  check_n(rows, "chunk_sumsq");
+  if (chunk < 1) throw std::invalid_argument("chunk_sumsq: chunk must be >= 1");
+  const float inv = inv_scale ? *inv_scale : 1.0f;
+  with_dtype(src_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(src);
+    parallel_pieces(rows, rows * chunk, [&](std::int64_t r) { out[r] = chunk_sum(x + r * chunk, chunk, inv); });
+  });
 }
 
 void clip_coef(const float* sumsq, const float* inv_scale, float max_norm, float* out, Stream) {

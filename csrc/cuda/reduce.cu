@@ -126,7 +126,41 @@ __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float
   }
 }
 
+// One warp per chunk: lane l sums elements l, l+32, ... in order, then a fixed butterfly:
+// the sum depends on the chunk's values alone (deterministic.py).
+template <class S>
+__global__ void chunk_sumsq_kernel(const S* src, std::int64_t rows, std::int64_t chunk, const float* inv_scale,
+                                   double* out) {
+  const float inv = inv_scale ? *inv_scale : 1.0f;
+  const int lane = threadIdx.x % 32;
+  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (std::int64_t r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const S* x = src + r * chunk;
+    double acc = 0.0;
+    for (std::int64_t j = lane; j < chunk; j += 32) {
+      double y = static_cast<double>(to_float(x[j]) * inv);
+      acc += y * y;
+    }
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) out[r] = acc;
+  }
+}
+
 }  // namespace
+
+void chunk_sumsq(const void* src, DType src_dtype, std::int64_t rows, std::int64_t chunk, const float* inv_scale,
+                 double* out, Stream s) {
+  if (rows < 0 || chunk < 1) throw std::invalid_argument("chunk_sumsq: rows must be >= 0 and chunk >= 1");
+  if (rows == 0) return;
+  with_dtype(src_dtype, [&](auto stag) {
+    using S = decltype(stag);
+    const int per_block = kBlock / 32;
+    std::int64_t blocks = (rows + per_block - 1) / per_block;
+    chunk_sumsq_kernel<S><<<static_cast<unsigned>(std::min<std::int64_t>(blocks, 65535)), kBlock, 0, as_stream(s)>>>(
+        static_cast<const S*>(src), rows, chunk, inv_scale, out);
+    check_launch("chunk_sumsq");
+  });
+}
 
 void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::int64_t n,
                          const float* inv_scale, float* found_inf, float* sumsq, float* workspace, Stream s) {

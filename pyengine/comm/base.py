@@ -77,5 +77,9 @@ class Comm(abc.ABC):
         self.broadcast(t, src)
         return t.cpu().tolist()
 
+    def point_to_point(self, timeout: float):
+        """A PointToPoint over this communicator's ranks (deterministic mode's exchange)."""
+        raise NotImplementedError(f"the {self.name} communicator has no point-to-point messages")
+
     def close(self):  # noqa: B027  (optional hook: most communicators hold nothing to release)
         """Releases the communicator's resources, if it holds any."""

@@ -1,4 +1,5 @@
 """TorchComm: the Comm interface over any torch.distributed backend (gloo on CPU, nccl)."""
+import datetime
 import threading
 
 import torch
@@ -140,8 +141,41 @@ class TorchComm(Comm):
         return Work(_KeepSlice(work, finish), f"reduce-scatter of {input.numel()} "
                     f"{str(input.dtype).replace('torch.', '')}")
 
+    def point_to_point(self, timeout: float):
+        return TorchPointToPoint(self, timeout)
+
     @property
     def control_device(self):
         if self.backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+class TorchPointToPoint:
+    """Paired send/receive over a process group of its own (created here, on every rank at
+    once), so its messages never interleave with the engine's collectives."""
+
+    def __init__(self, comm: TorchComm, timeout: float):
+        self.backend = comm.backend
+        self.group = dist.new_group(backend=comm.backend, timeout=datetime.timedelta(seconds=timeout))
+        self._global = {r: dist.get_global_rank(comm.group, r) if comm.group is not None else r
+                        for r in range(comm.world_size)}
+
+    def exchange(self, send, recv, peer: int):
+        """send to peer and recv from it, both at once; returns when both are done (on NCCL:
+        when the calling stream is ordered after them). gloo moves CUDA tensors through host
+        memory."""
+        staged = self.backend == "gloo" and send.is_cuda
+        s, r = (send.cpu(), torch.empty(recv.shape, dtype=recv.dtype)) if staged else (send, recv)
+        peer = self._global[peer]
+        ops = [dist.P2POp(dist.isend, s, peer, self.group), dist.P2POp(dist.irecv, r, peer, self.group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        if staged:
+            recv.copy_(r)
+
+    def close(self):
+        try:
+            dist.destroy_process_group(self.group)
+        except Exception:  # the default group may be gone already
+            pass

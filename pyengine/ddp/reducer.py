@@ -26,8 +26,11 @@ from .overlap import BucketWork, CpuOverlap, CudaOverlap
 
 
 class Reducer:
-    def __init__(self, flat, comm, cfg, mod, scalars, names, tracer, stats, modules=()):
+    def __init__(self, flat, comm, cfg, mod, scalars, names, tracer, stats, modules=(), tree=None, norm=None):
         self.flat, self.comm, self.cfg, self.mod, self.names = flat, comm, cfg, mod, names
+        # deterministic (deterministic.py): the micro-batch tree's last fold before each bucket's
+        # exchange, the chunked norm after it; set again after a relayout
+        self.tree, self.norm = tree, norm
         self._modules = list(modules)  # the model's, for overlap_param_gather's hooks
         self.wire_dtype = DTYPES[cfg.comm_dtype] if cfg.comm_dtype else flat.grad_dtype
         self.cuda = flat.device.type == "cuda"
@@ -71,6 +74,8 @@ class Reducer:
             self._install_gather_hooks()
 
     def _work(self, b, owned) -> BucketWork:
+        if self.norm is not None:
+            return self._deterministic_work(b, owned)
         grads = self.flat.grad_flat[b.start:b.end]
         wire = self.wire_flat[b.start:b.end]
         separate = self.wire_flat is not self.flat.grad_flat
@@ -113,6 +118,39 @@ class Reducer:
 
         return BucketWork(b.index, b.numel, cast, collective, after, wire,
                           "allreduce" if owned is None else "reduce-scatter")
+
+    def _deterministic_work(self, b, owned) -> BucketWork:
+        """The bucket's subtree root (the last micro-batch folded in), the fixed-pairing sum
+        over the ranks (ddp/exchange.py), then the chunk sums of what this rank keeps; under
+        ZeRO-1 the other slices' gradients cleared. No averaging: the loss carries 1/G."""
+        wire = self.wire_flat[b.start:b.end]
+        if wire.data_ptr() != self.flat.grad_flat[b.start:b.end].data_ptr():
+            raise RuntimeError("internal: the deterministic wire is the gradient buffer")
+        tree, norm, comm, mod = self.tree, self.norm, self.comm, self.mod
+        cast = None
+        if tree is not None:
+            def cast(stream, start=b.start, end=b.end):
+                tree.fold_last(start, end)
+        lo, hi = (b.start, b.end) if owned is None else (owned.start, owned.end)
+        if owned is None:
+            def collective(wire=wire):
+                return comm.allreduce(wire, average=False)
+        else:
+            keep = self.wire_flat[lo:hi]
+
+            def collective(wire=wire, keep=keep):
+                return comm.reduce_scatter(keep, wire, average=False)
+        g = self.flat.grad_flat
+        clear = [] if owned is None else [(b.start, lo), (hi, b.end)]
+
+        def after(stream, lo=lo, hi=hi, clear=clear):
+            norm.add_range(lo, hi, stream)
+            for start, end in clear:
+                if end > start:
+                    g[start:end].zero_()
+
+        return BucketWork(b.index, b.numel, cast, collective, after, wire,
+                          "fixed-pairing allreduce" if owned is None else "fixed-pairing reduce-scatter")
 
     @property
     def optimizer_grads(self) -> torch.Tensor:

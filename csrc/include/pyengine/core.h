@@ -125,6 +125,10 @@ inline std::int64_t reduce_partials(std::int64_t n) { return (n + kReduceChunk -
   void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_dtype,      \
                            std::int64_t n, const float* inv_scale_dev, float* found_inf_dev,  \
                            float* sumsq_dev, float* workspace_dev, Stream stream);            \
+  /* out[r] = sum of (src[r*chunk + j] * inv_scale)^2, j < chunk, in double, for r < rows: */ \
+  /* a fixed order within each chunk, so a chunk's sum depends on its values alone        */ \
+  void chunk_sumsq(const void* src, DType src_dtype, std::int64_t rows, std::int64_t chunk,   \
+                   const float* inv_scale_dev, double* out_dev, Stream stream);               \
   /* out[0] = sqrt(sumsq); out[1] = inv_scale * min(1, max_norm / (norm + 1e-6)) */          \
   void clip_coef(const float* sumsq_dev, const float* inv_scale_dev, float max_norm,          \
                  float* out_dev, Stream stream);                                              \
