@@ -78,6 +78,19 @@ MUTANTS = [
     Mutant("forward-reads-before-gather", "a module's forward does not wait for its parameters' all-gather",
            "ddp/reducer.py", "self.overlap.wait_gather(self._bucket_of[i])", "pass",
            ("test_zero.py::test_overlapped_param_gather_trains_as_unsharded_across_the_bucket_rebuild",)),
+    Mutant("tree-left-fold", "deterministic mode folds each rank's micro-batches left to right, not in the midpoint tree",
+           "deterministic.py", "mid = lo + (hi - lo) // 2\n            if j < mid:", "mid = hi - 1\n            if j < mid:",
+           ("test_deterministic_parts.py",)),
+    Mutant("zero-grad-keeps-partials", "zero_grad() inside a deterministic window leaves the earlier micro-batches' "
+           "partial sums", "grads.py", "if self.tree is not None:\n            slots", "if False:\n            slots",
+           ("test_deterministic_parts.py",)),
+    Mutant("shards-owned-by-rank", "the deterministic layout gives rank r slice r, not the slice the exchange leaves it",
+           "layout.py", "return bit_reverse(rank, self.shard_world) if self.deterministic else rank", "return rank",
+           ("test_deterministic_parts.py",)),
+    Mutant("loss-factor-per-rank", "deterministic mode scales the loss by 1/grad_accum_steps, not 1/G over all ranks",
+           "step.py", "self._global_micro = parts.config.grad_accum_steps * parts.world_size",
+           "self._global_micro = parts.config.grad_accum_steps",
+           ("test_deterministic.py::test_bitwise_equal_at_1_2_and_4_ranks",)),
 ]
 
 
