@@ -8,6 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .data import rank_micros
 from .evaluate import evaluate
 from .model import build_model, decay_groups
 from .schedule import lr_lambda
@@ -40,15 +41,16 @@ def run_ddp_baseline(args, data, device, out, rank, world):
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     rows = []
+    micros = rank_micros(args, data)  # the same micro-batches as the engine's run
     for step in range(args.steps):
         t0 = time.perf_counter()
         total = 0.0
-        for micro in range(args.grad_accum):
+        for k, micro in enumerate(micros):
             x, y = data.train_batch(args.seed, step, micro, args.batch_size)
             x, y = x.to(device), y.to(device)
-            ctx = ddp.no_sync() if micro < args.grad_accum - 1 else _null()
+            ctx = ddp.no_sync() if k < len(micros) - 1 else _null()
             with ctx, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = ddp(x, y) / args.grad_accum
+                loss = ddp(x, y) / len(micros)
             scaler.scale(loss).backward()
             total += loss.detach()
         scaler.unscale_(opt)
@@ -66,7 +68,7 @@ def run_ddp_baseline(args, data, device, out, rank, world):
                 f.write(json.dumps(r) + "\n")
     tail = rows[len(rows) // 10:] or rows
     step_s = statistics.median(r["step_s"] for r in tail)
-    tokens = args.batch_size * args.seq_len * args.grad_accum * world
+    tokens = args.batch_size * args.seq_len * len(micros) * world
     if own_group:
         dist.destroy_process_group()
     return {"step_s": step_s, "tokens_per_s": tokens / step_s, "final_loss": rows[-1]["loss"],

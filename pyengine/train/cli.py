@@ -57,7 +57,9 @@ def build_parser():
                    help="sequences per rank per micro-batch (default: 16 on a CPU; on a GPU, what fills its memory)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens (bytes) per sequence "
                    "(default: the preset's)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (1)")
+    p.add_argument("--grad-accum", type=_positive_int, default=None,
+                   help="micro-batches per optimizer step on each rank (1); with --deterministic, the micro-batches "
+                        "of the whole step over all ranks, G (8), of which each rank runs G/nproc")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="parameter precision; master weights stay fp32 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--comm-dtype", choices=("fp32", "fp16", "bf16"), default=None,
@@ -73,7 +75,9 @@ def build_parser():
     p.add_argument("--clip", type=_positive_float, default=1.0, help="global gradient-norm clip (1.0)")
     p.add_argument("--data", default=None, help="a text file or a folder of text files (default: the Python "
                    "standard library's source on this machine)")
-    p.add_argument("--max-data-mb", type=_positive_float, default=16.0, help="bytes read per rank, in MB (16)")
+    p.add_argument("--max-data-mb", type=_positive_float, default=16.0,
+                   help="bytes read per rank, in MB (16); with --deterministic, the size of the corpus all ranks "
+                        "draw from (its first MB; each rank reads only its own batches' bytes)")
     p.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -85,7 +89,8 @@ def build_parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(auto)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between progress updates (10)")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints; 0: only at the end (100)")
-    p.add_argument("--eval-batches", type=_positive_int, default=20, help="held-out batches per rank (20)")
+    p.add_argument("--eval-batches", type=_positive_int, default=20,
+                   help="held-out batches per rank (20); with --deterministic, in all, spread over the ranks")
     p.add_argument("--keep-checkpoints", type=_positive_int, default=2,
                    help="checkpoints kept in the run folder, newest first; a damaged one is skipped on --resume (2)")
     p.add_argument("--comm-timeout", type=_positive_float, default=300.0,
@@ -93,6 +98,16 @@ def build_parser():
     p.add_argument("--zero", type=int, choices=(0, 1), default=0,
                    help="1: shard the fp32 master weights and optimizer state over the ranks (ZeRO-1): 12 of the "
                         "16-18 bytes a parameter become 12/ranks (0)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise the same run at any --nproc (1, 2, 4, ...: powers of two dividing --grad-accum): "
+                        "the step's G micro-batches are drawn from the whole corpus by (seed, step, micro-batch) "
+                        "alone, the engine sums their gradients in one fixed tree, reported losses are folded in a "
+                        "fixed order, and on the CPU every rank uses --threads threads; a run may --resume at "
+                        "another --nproc and continue bitwise")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads per rank (default: OMP_NUM_THREADS if set, else the machine's cores / --nproc; "
+                        "with --deterministic on the CPU, 1 at every --nproc, since a CPU matmul's bits depend on its "
+                        "thread count)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step in a CUDA graph and replay it (one GPU, --grad-accum 1): for "
                         "models whose kernels are too small to hide their launch cost")
@@ -103,6 +118,8 @@ def build_parser():
 # state is spread over ranks (a checkpoint loads at any --nproc and --zero)
 RESUME_MAY_CHANGE = ("steps", "log_every", "ckpt_every", "eval_batches", "keep_checkpoints", "comm_timeout", "trace",
                      "baseline", "cuda_graph", "nproc", "zero")
+# and, only without --deterministic (where they set the bits the run computes):
+RESUME_MAY_CHANGE_UNLESS_DETERMINISTIC = ("threads",)
 
 
 def resolve(args, parser, argv):
@@ -132,6 +149,8 @@ def resolve(args, parser, argv):
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.device == "cuda" and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) visible")
+    if args.grad_accum is None:
+        args.grad_accum = 8 if args.deterministic else 1
     if args.baseline == "ddp":
         from .baseline import TORCH_OPTIMIZERS
 
@@ -142,6 +161,8 @@ def resolve(args, parser, argv):
         parser.error("--cuda-graph: needs --device cuda with one rank (--nproc 1) and --grad-accum 1")
     if args.model is None:
         args.model = "gpt2" if args.device == "cuda" else "small"
+    if args.deterministic:
+        _check_deterministic(args, parser)
     args.seq_len = args.seq_len or PRESETS[args.model].seq_len
     if args.batch_size is None:
         args.batch_size = _gpu_batch(args) if args.device == "cuda" else 16
@@ -151,6 +172,28 @@ def resolve(args, parser, argv):
         args.out = _new_run_folder()
     args.schedule_steps = args.steps  # the lr schedule's length, kept on --resume (schedule.py)
     return args
+
+
+def _check_deterministic(args, parser):
+    """--deterministic: what it needs of the other flags, and the thread count it fixes."""
+    _check_deterministic_split(args.nproc, args.grad_accum, parser)
+    if args.comm_dtype not in (None, "fp32"):
+        parser.error(f"--comm-dtype {args.comm_dtype} with --deterministic: the gradients travel in the fp32 they are "
+                     "summed in (a narrower wire would round partial sums at levels that depend on --nproc); "
+                     "drop --comm-dtype")
+    if PRESETS[args.model].dropout > 0:
+        parser.error(f"--deterministic: --model {args.model} uses dropout, whose masks would depend on the ranks; "
+                     "a deterministic run needs a model without dropout")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
+
+
+def _check_deterministic_split(nproc, grad_accum, parser):
+    if nproc & (nproc - 1):
+        parser.error(f"--nproc {nproc} with --deterministic: the ranks must be a power of two (1, 2, 4, 8, ...)")
+    if grad_accum % nproc:
+        parser.error(f"--nproc {nproc} with --deterministic: it must divide --grad-accum {grad_accum} (the "
+                     f"micro-batches of the whole step, each rank runs grad-accum / nproc of them)")
 
 
 def _resolve_resume(args, parser, argv):
@@ -166,12 +209,15 @@ def _resolve_resume(args, parser, argv):
     given.pop("resume", None)
     if "out" in given and Path(given.pop("out")).resolve() != run_dir.resolve():
         parser.error(f"--out with --resume {args.resume}: a run continues in its own folder; drop --out")
-    conflicts = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != saved.get(k)]
+    may_change = RESUME_MAY_CHANGE + (() if saved.get("deterministic") else RESUME_MAY_CHANGE_UNLESS_DETERMINISTIC)
+    conflicts = [k for k, v in given.items() if k not in may_change and v != saved.get(k)]
     if conflicts:
         what = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved.get(k)})" for k in conflicts)
         parser.error(f"--resume {args.resume}: {what}: these set what the run computes and cannot change "
                      "mid-run; drop them, or start a new run with another --out")
-    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE and v != saved.get(k)}
+    changed = {k: v for k, v in given.items() if k in may_change and v != saved.get(k)}
+    if saved.get("deterministic"):  # the step's G stays; the ranks that share it must still divide it
+        _check_deterministic_split(changed.get("nproc", saved["nproc"]), saved["grad_accum"], parser)
     if "nproc" in changed and saved.get("device") == "cuda":
         import torch
 
@@ -210,13 +256,21 @@ def _explicit(argv):
 
 def _check_data_fits(args, parser):
     """The corpus must give every rank one training and one held-out window."""
-    from .data import corpus_files
+    from .data import corpus_files, held_out
 
     try:
         files = corpus_files(args.data)
     except FileNotFoundError as exc:
         parser.error(str(exc))
     total = sum(f.stat().st_size for f in files)
+    if args.deterministic:  # one corpus for all ranks: a training and a held-out window
+        size = min(total, int(args.max_data_mb * 1e6))
+        need = 2 * (args.seq_len + 1)
+        if size - held_out(size, args.seq_len) < args.seq_len + 1:
+            where = args.data or "the Python standard library"
+            parser.error(f"--data {where}: {size} bytes (--max-data-mb {args.max_data_mb}) are fewer than the {need} "
+                         f"that --seq-len {args.seq_len} needs; use more data or a shorter --seq-len")
+        return
     per_rank = min(total // args.nproc, int(args.max_data_mb * 1e6))
     need = 2 * (args.seq_len + 2) + args.seq_len
     if per_rank < need:

@@ -74,7 +74,8 @@ class Launcher:
         launch_file = self.out / ".launch.json"
         launch_file.write_text(json.dumps(vars(self.args)))
         port = free_port()
-        threads = max(1, (os.cpu_count() or 1) // n)
+        fixed = getattr(self.args, "threads", None)  # --threads (under --deterministic on the CPU: always set)
+        threads = fixed or max(1, (os.cpu_count() or 1) // n)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for r in range(n):
@@ -82,7 +83,10 @@ class Launcher:
                            GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            **{ENV_ARGS: str(launch_file.resolve()), ENV_PARENT: str(os.getpid()),
                               ENV_ERROR: str(self._error_file(r)), ENV_LOCK_FD: str(self.lock_fd)})
-                env.setdefault("OMP_NUM_THREADS", str(threads))
+                if fixed:
+                    env["OMP_NUM_THREADS"] = str(threads)
+                else:
+                    env.setdefault("OMP_NUM_THREADS", str(threads))
                 self._error_file(r).unlink(missing_ok=True)
                 self.procs.append(subprocess.Popen([sys.executable, "-c", BOOTSTRAP], env=env,
                                                    pass_fds=(self.lock_fd,)))

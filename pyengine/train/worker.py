@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import pyengine
 from pyengine import Engine, EngineConfig
 from pyengine.devices import peak_tflops
 
 from . import checkpoints, rundir
-from .data import ShardData
+from .data import make_data, rank_micros
 from .evaluate import evaluate, sample_text
+from .folds import gather_equal, tree_mean
 from .model import PRESETS, build_model, decay_groups, flops_per_token
 from .schedule import lr_lambda
 
@@ -52,6 +54,27 @@ def _setup_logging(rank):
     return logging.getLogger("pyengine.train")
 
 
+def set_threads(args):
+    """--threads: the CPU threads of this rank's torch ops and of the engine's core. Under
+    --deterministic on the CPU a matmul's bits depend on its thread count, so every rank of
+    every run uses the same number, whatever --nproc."""
+    n = getattr(args, "threads", None)
+    if n:
+        torch.set_num_threads(n)
+        pyengine.set_num_threads(n)
+
+
+def local_accum(args, world) -> int:
+    """Micro-batches this rank runs per step: under --deterministic --grad-accum counts the
+    whole step's G over all ranks, of which each runs G / world."""
+    if not getattr(args, "deterministic", False):
+        return args.grad_accum
+    if world & (world - 1) or args.grad_accum % world:
+        raise ValueError(f"--deterministic: the world size {world} must be a power of two that divides --grad-accum "
+                         f"{args.grad_accum}")
+    return args.grad_accum // world
+
+
 def train(args, stop=None):
     """Returns 0 when the run reached args.steps, 130 when it stopped early on request."""
     from .stop import StopFlag
@@ -60,6 +83,9 @@ def train(args, stop=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     log = _setup_logging(rank)
+    deterministic = getattr(args, "deterministic", False)
+    accum = local_accum(args, world)
+    set_threads(args)
     stop = stop or StopFlag()
     device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -70,11 +96,13 @@ def train(args, stop=None):
     if rank == 0 and not os.environ.get("PYENGINE_TRAIN_LOCK_FD"):  # the user's torchrun: no launcher holds it
         lock_fd = rundir.lock(out)
 
-    data = ShardData(args.data, rank, world, args.seq_len, int(args.max_data_mb * 1e6))
+    data = make_data(args, rank, world)
+    micros = rank_micros(args, data)
     model = build_model(args, device)
     cfg = EngineConfig(precision=args.precision, optimizer=args.optimizer, lr=args.lr,
                        **optimizer_settings(args.optimizer), weight_decay=args.weight_decay,
-                       clip_grad_norm=args.clip, grad_accum_steps=args.grad_accum, comm_dtype=args.comm_dtype,
+                       clip_grad_norm=args.clip, grad_accum_steps=accum, comm_dtype=args.comm_dtype,
+                       deterministic=deterministic,
                        comm_timeout=args.comm_timeout, zero_stage=getattr(args, "zero", 0),
                        # the GPT uses each parameter inside its own module's forward
                        overlap_param_gather=getattr(args, "zero", 0) == 1,
@@ -102,12 +130,12 @@ def train(args, stop=None):
             if abandoned:
                 log.warning("removed %s: written after %s by the run that stopped, they are not part of the run "
                             "that continues from it", ", ".join(abandoned), path.name)
-            if saved_world != world:
+            if saved_world != world and not deterministic:
                 log.warning("the run had %d rank(s), this one has %d: the weights and optimizer state carry over "
                             "exactly, but each rank now reads another part of the data", saved_world, world)
 
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
+    tokens_per_step = args.batch_size * args.seq_len * accum * world  # under --deterministic: x G
     pbar = None
     if rank == 0:
         from tqdm import tqdm
@@ -137,16 +165,22 @@ def train(args, stop=None):
                 t1 = t0  # one replay: forward, backward and update are not told apart
             else:
                 loss = torch.zeros((), device=device)
-                for micro in range(args.grad_accum):
+                losses = torch.zeros(accum, device=device) if deterministic else None
+                for k, micro in enumerate(micros):
                     x, y = data.train_batch(args.seed, step, micro, args.batch_size)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     micro_loss = model(x, y)
                     engine.backward(micro_loss)
-                    loss += micro_loss.detach().float() / args.grad_accum
-                    if micro < args.grad_accum - 1:
+                    if deterministic:
+                        losses[k] = micro_loss.detach().float()
+                    else:
+                        loss += micro_loss.detach().float() / accum
+                    if k < accum - 1:
                         engine.step()
                 t1 = time.perf_counter()
                 result = engine.step()
+                if deterministic:
+                    loss = step_loss(losses)
             sched.step()
             t2 = time.perf_counter()
             exposed = 0.0
@@ -203,6 +237,14 @@ def train(args, stop=None):
     if lock_fd is not None:
         os.close(lock_fd)
     return 130 if interrupted else 0
+
+
+def step_loss(losses):
+    """--deterministic: the step's loss as reported, the mean of all G micro-batch losses
+    (this rank's `losses` are its share, in order), gathered in global order and folded in a
+    fixed tree (folds.py): the same bits at any number of ranks. Without it the reported loss
+    is rank 0's own mean."""
+    return tree_mean(gather_equal(losses))
 
 
 def _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed):
