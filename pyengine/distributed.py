@@ -55,11 +55,16 @@ def _tree_comm(cfg, device):
     messages (ddp/exchange.py)."""
     from .ddp.exchange import TreeComm
 
-    if cfg.comm_backend == "nccl":
-        raise ValueError("EngineConfig(deterministic=True, comm_backend='nccl'): the deterministic exchange runs over "
-                         "torch.distributed's point-to-point messages (NCCL's through torch); pyengine's own NCCL "
-                         "binding has no send/receive yet. Use comm_backend='auto' or 'torch'")
-    return TreeComm(TorchComm(), device, cfg.comm_timeout)
+    base = None
+    if cfg.comm_backend == "nccl" or (cfg.comm_backend == "auto" and device.type == "cuda"):
+        from .comm.nccl_comm import NcclComm, available
+
+        if available():
+            base = NcclComm(timeout=cfg.comm_timeout, device=device)  # grouped ncclSend / ncclRecv
+        elif cfg.comm_backend == "nccl":
+            raise RuntimeError("EngineConfig.comm_backend='nccl' but pyengine was built without NCCL support "
+                               "(or no GPU is visible); use comm_backend='torch'")
+    return TreeComm(base or TorchComm(), device, cfg.comm_timeout)
 
 
 def fingerprint(named_params, cfg) -> int:

@@ -55,3 +55,29 @@ def test_nccl_comm_error_path(world_of_one):
         comm.allreduce(x, average=False)
     with pytest.raises(ValueError, match="CUDA device"):
         NcclComm(timeout=30.0, device="cuda:0").allreduce(torch.ones(4), average=False)
+
+
+def test_nccl_sendrecv_to_itself_at_world_size_one(world_of_one):
+    """The grouped ncclSend/ncclRecv of deterministic mode's exchange, unequal counts included,
+    and the fixed-pairing collectives over it (no rounds at one rank: the input comes back)."""
+    from pyengine.comm.nccl_comm import NcclComm
+    from pyengine.ddp.exchange import TreeComm
+
+    comm = NcclComm(timeout=30.0, device="cuda:0")
+    p2p = comm.point_to_point(30.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        send = torch.randn(4097, device="cuda").to(dtype)
+        recv = torch.zeros(4097, device="cuda", dtype=dtype)
+        p2p.exchange(send, recv, 0)
+        torch.cuda.synchronize()
+        assert torch.equal(recv, send)
+    with pytest.raises(ValueError, match="peer out of range"):
+        p2p.exchange(send, recv, 1)
+    tree = TreeComm(comm, torch.device("cuda", 0), 30.0)
+    x = torch.randn(1000, device="cuda")
+    ref = x.clone()
+    tree.allreduce(x, average=False).wait()
+    out = torch.empty(1000, device="cuda")
+    tree.all_gather(out, x).wait()
+    torch.cuda.synchronize()
+    assert torch.equal(x, ref) and torch.equal(out, ref) and tree.rounds == 0

@@ -84,7 +84,7 @@ def many(rank, world, configs, steps, folder, opts=None):
 
 
 CONFIGS = [dict(precision="fp32", zero_stage=0), dict(precision="fp32", zero_stage=1),
-           dict(precision="bf16", zero_stage=0), dict(precision="bf16", zero_stage=1),
+           dict(precision="bf16", zero_stage=0), dict(precision="bf16", zero_stage=1, overlap_param_gather=True),
            dict(precision="fp16", zero_stage=1, initial_loss_scale=2.0**10)]
 DEFAULT_PATH = [dict(precision="fp32", zero_stage=1, deterministic=False)]
 STEPS = 20

@@ -44,6 +44,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def("broadcast", [](pc::NcclComm& c, Addr buf, std::int64_t n, int d, int root, Addr s) {
              c.broadcast(buf, n, dt(d), root, s);
            }, nogil)
+      .def("sendrecv", [](pc::NcclComm& c, Addr send, std::int64_t sn, Addr recv, std::int64_t rn, int d, int peer,
+                          Addr s) { c.sendrecv(send, sn, recv, rn, dt(d), peer, s); }, nogil)
       .def("check", &pc::NcclComm::check, nogil)
       .def("abort", &pc::NcclComm::abort, py::arg("why") = "", nogil)
       .def_property_readonly("aborted", &pc::NcclComm::aborted)

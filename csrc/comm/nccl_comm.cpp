@@ -41,6 +41,11 @@ struct Lib {
   Result (*destroy)(Comm) = nullptr;
   const char* (*error_string)(Result) = nullptr;
   Result (*get_version)(int*) = nullptr;
+  // point-to-point (NCCL >= 2.7), optional: only deterministic mode's exchange uses them
+  Result (*send)(const void*, size_t, int, int, Comm, cudaStream_t) = nullptr;
+  Result (*recv)(void*, size_t, int, int, Comm, cudaStream_t) = nullptr;
+  Result (*group_start)() = nullptr;
+  Result (*group_end)() = nullptr;
 };
 
 std::mutex g_lib_mu;
@@ -98,6 +103,9 @@ std::string nccl_load(const std::string& path) {
             sym(h, "ncclCommDestroy", l.destroy) && sym(h, "ncclGetErrorString", l.error_string) &&
             sym(h, "ncclGetVersion", l.get_version);
   if (!ok) return std::string(name) + " lacks an NCCL symbol pyengine needs (NCCL 2.x required)";
+  if (!(sym(h, "ncclSend", l.send) && sym(h, "ncclRecv", l.recv) && sym(h, "ncclGroupStart", l.group_start) &&
+        sym(h, "ncclGroupEnd", l.group_end)))
+    l.send = nullptr;  // sendrecv() then says so
   g_lib = l;
   return "";
 }
@@ -261,6 +269,29 @@ void NcclComm::broadcast(std::uintptr_t buf, std::int64_t n, DType dtype, int ro
   check_nccl(lib().broadcast(p, p, static_cast<size_t>(n), nccl_dtype(dtype), root, st_->comm, as_stream(stream)),
              "broadcast");
   watch_after_enqueue(stream, "broadcast");
+}
+
+// Note: one grouped send and receive, so the two ranks of a pair never wait on each other's
+// send (NCCL's point-to-point calls block until matched otherwise); the counts may differ by
+// one element (halving an odd range).
+void NcclComm::sendrecv(std::uintptr_t send, std::int64_t send_count, std::uintptr_t recv, std::int64_t recv_count,
+                        DType dtype, int peer, Stream stream) {
+  check();
+  if (peer < 0 || peer >= world_) throw std::invalid_argument("NcclComm.sendrecv: peer out of range");
+  if (send_count < 0 || recv_count < 0) throw std::invalid_argument("NcclComm.sendrecv: counts must be >= 0");
+  const Lib& l = lib();
+  if (l.send == nullptr) throw std::runtime_error("pyengine.NcclComm.sendrecv: this NCCL has no ncclSend/ncclRecv");
+  int dt = nccl_dtype(dtype);
+  check_nccl(l.group_start(), "sendrecv");
+  Result rs = l.send(reinterpret_cast<const void*>(send), static_cast<size_t>(send_count), dt, peer, st_->comm,
+                     as_stream(stream));
+  Result rr = l.recv(reinterpret_cast<void*>(recv), static_cast<size_t>(recv_count), dt, peer, st_->comm,
+                     as_stream(stream));
+  Result re = l.group_end();
+  check_nccl(rs, "sendrecv (send)");
+  check_nccl(rr, "sendrecv (recv)");
+  check_nccl(re, "sendrecv (group)");
+  watch_after_enqueue(stream, "sendrecv");
 }
 
 }  // namespace pyengine::comm

@@ -27,6 +27,9 @@ class NcclComm {
                       bool average, Stream stream);
   void all_gather(std::uintptr_t send, std::uintptr_t recv, std::int64_t send_count, DType dtype, Stream stream);
   void broadcast(std::uintptr_t buf, std::int64_t n, DType dtype, int root, Stream stream);
+  // send_count elements to peer and recv_count from it, grouped (deterministic mode's exchange)
+  void sendrecv(std::uintptr_t send, std::int64_t send_count, std::uintptr_t recv, std::int64_t recv_count,
+                DType dtype, int peer, Stream stream);
 
   // Raises (std::runtime_error) if the watchdog found an error or a timeout.
   void check() const;

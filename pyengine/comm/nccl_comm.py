@@ -113,6 +113,9 @@ class NcclComm(Comm):
         self._c.all_gather(i.ptr, o.ptr, i.numel, i.dtype, self._stream())
         return _Work(self)
 
+    def point_to_point(self, timeout: float):
+        return _NcclPointToPoint(self)
+
     @property
     def control_device(self):
         return self.device
@@ -122,3 +125,21 @@ class NcclComm(Comm):
 
     def close(self):
         self._c = None
+
+
+class _NcclPointToPoint:
+    """Grouped ncclSend/ncclRecv on the calling stream (deterministic mode's exchange)."""
+
+    def __init__(self, comm: NcclComm):
+        self._comm = comm
+
+    def exchange(self, send, recv, peer: int):
+        s, r = view(send, "send"), view(recv, "recv", writable=True)
+        if not (s.is_cuda and r.is_cuda) or s.dtype != r.dtype:
+            raise ValueError("NcclComm.sendrecv: CUDA tensors of one dtype")
+        self._comm.calls += 1
+        self._comm._c.sendrecv(s.ptr, s.numel, r.ptr, r.numel, s.dtype, int(peer), self._comm._stream())
+        self._comm.check()
+
+    def close(self):
+        """The communicator's to release."""
