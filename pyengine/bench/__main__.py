@@ -28,6 +28,11 @@ def main(argv=None):
             p.add_argument("--zero", type=int, choices=(0, 1), default=0,
                            help="1: the engine unsharded and with ZeRO-1 side by side, with each rank's "
                                 "optimizer time (default 0: fp32 and bf16 wire)")
+            p.add_argument("--deterministic", action="store_true",
+                           help="the default path (gloo's ring) against EngineConfig(deterministic=True) "
+                                "(fixed tree and fixed-pairing exchange), at the --zero stage given")
+            p.add_argument("--grad-accum", type=int, default=None,
+                           help="with --deterministic: micro-batches per rank and step (default 2)")
         if name == "models":
             p.add_argument("--models", default=None, help="comma-separated shapes (default: 124M,350M,774M,1.5B "
                            "on a GPU; a tiny one on the CPU)")
