@@ -167,7 +167,7 @@ def inexact_reason(parts):
         return "the gradients are averaged across ranks only inside engine.step()"
     if parts.tree is not None:
         return ("EngineConfig(deterministic=True) sums the micro-batches' gradients in a fixed tree inside "
-                "engine.step(); .grad holds only the latest micro-batch's")
+                "engine.step(); .grad holds a partial sum of the window")
     return None
 
 

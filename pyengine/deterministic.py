@@ -56,8 +56,15 @@ def check_world(world: int, accum: int):
 class MicroTree:
     """The fixed binary tree over m micro-batches (split at the midpoint), summed as the
     leaves land in order. fold(j) lists the operations after leaf j landed in the gradient
-    buffer 'G': ('add', dst, src) is dst += src, ('copy', dst, 'G') a push; slots are the
-    stack's indices. The last leaf's operations leave the root in G."""
+    buffer 'G': ('add', dst, src) is dst += src, ('copy', dst, 'G') a push, ('zero', 'G')
+    clears the buffer for the next leaf; slots are the stack's indices. The last leaf's
+    operations leave the root in G.
+
+    Note [landing]: a leaf whose sibling is the next leaf is left in G, uncleared, and the
+    next micro-batch's backward adds onto it (autograd's +=, or the fp32 main-grad hook's):
+    that is g_j + g_(j+1), the very bits of the tree's pair, with no copy, clear or add. It
+    halves the pushes; with two micro-batches a rank there is no fold and no partial buffer.
+    """
 
     def __init__(self, m: int):
         if m < 1:
@@ -66,26 +73,39 @@ class MicroTree:
         self._ops: List[List[tuple]] = []
         stack = 0
         depth = 0
+        landed = False  # the previous leaf is still in G, and this one was added onto it
         for j in range(m):
-            pops = self._pops(j)
+            pops = self._pops(j) - (1 if landed else 0)  # the pair is summed already
+            landed = self.lands(j)
             ops = []
-            if j == m - 1:
+            if landed:
+                pass
+            elif j == m - 1:
                 assert pops == stack, "internal: the last leaf closes every pending subtree"
                 for k in range(stack - 1, -1, -1):
                     ops.append(("add", "G", k))
                 stack = 0
             elif pops == 0:
-                ops.append(("copy", stack, "G"))
+                ops += [("copy", stack, "G"), ("zero", "G")]
                 stack += 1
             else:
                 top = stack - 1
                 ops.append(("add", top, "G"))
                 for k in range(top - 1, top - pops, -1):
                     ops.append(("add", k, k + 1))
+                ops.append(("zero", "G"))
                 stack = stack - pops + 1
             depth = max(depth, stack)
             self._ops.append(ops)
         self.depth = depth  # stack buffers needed
+
+    def lands(self, j: int) -> bool:
+        """Leaf j is the left child of a pair of leaves (Note [landing])."""
+        lo, hi = 0, self.m
+        while hi - lo > 2:
+            mid = lo + (hi - lo) // 2
+            lo, hi = (lo, mid) if j < mid else (mid, hi)
+        return hi - lo == 2 and j == lo
 
     def _pops(self, j: int) -> int:
         """How many finished left siblings leaf j's node absorbs on its way up: the levels at
@@ -138,16 +158,18 @@ class TreeAccumulator:
         def buf(x):
             return (self.grad if x == "G" else self.slots[x])[start:end]
 
-        for op, dst, src in ops:
+        for op, dst, *src in ops:
             if op == "add":
-                buf(dst).add_(buf(src))
+                buf(dst).add_(buf(src[0]))
+            elif op == "copy":
+                buf(dst).copy_(buf(src[0]))
             else:
-                buf(dst).copy_(buf(src))
+                buf(dst).zero_()
 
     def fold_micro(self, j: int):
-        """Leaf j (not the last) landed in the gradient buffer: fold it in, clear the buffer."""
+        """Leaf j (not the last) landed in the gradient buffer: fold it in and clear the
+        buffer, or leave it there for the next micro-batch to add onto (Note [landing])."""
         self._run(self.tree.fold(j), 0, self.grad.numel())
-        self.grad.zero_()
 
     def fold_last(self, start: int, end: int):
         """The last leaf landed in [start, end) of the gradient buffer: the subtree's root there."""

@@ -17,25 +17,25 @@ def _leaf(x):
 
 
 def _play(m):
-    """MicroTree(m)'s operations on symbols: each buffer holds the tree it has summed."""
+    """MicroTree(m)'s operations on symbols: each buffer holds the tree it has summed. A
+    micro-batch's backward adds its leaf onto whatever the gradient buffer holds."""
     t = MicroTree(m)
-    grad, slots, peak = None, [None] * t.depth, 0
+    grad, slots = None, [None] * t.depth
+
+    def add(a, b):
+        return (a, b) if _leaf(a) < _leaf(b) else (b, a)  # a + b == b + a
+
     for j in range(m):
-        grad = j
-        for op, dst, src in t.fold(j):
+        grad = j if grad is None else add(grad, j)
+        for op, dst, *src in t.fold(j):
             get = (lambda x: grad if x == "G" else slots[x])
-            if op == "copy":
-                value = get(src)
-            else:
-                a, b = get(dst), get(src)
-                value = (a, b) if _leaf(a) < _leaf(b) else (b, a)  # dst += src: a + b == b + a
+            value = None if op == "zero" else get(src[0]) if op == "copy" else add(get(dst), get(src[0]))
             if dst == "G":
                 grad = value
             else:
                 slots[dst] = value
-        peak = max(peak, sum(s is not None for s in slots))
-        if j < m - 1:
-            grad = None  # fold_micro clears the gradient buffer
+        if j < m - 1 and not t.lands(j):
+            assert grad is None, "the buffer is cleared for the next leaf"
     return grad, t
 
 
@@ -43,7 +43,8 @@ def _play(m):
 def test_the_streamed_folds_build_the_midpoint_tree(m):
     root, t = _play(m)
     assert root == t.shape()
-    assert t.depth <= max(1, math.ceil(math.log2(m))) if m > 1 else t.depth == 0
+    assert t.depth <= max(0, math.ceil(math.log2(m)) - 1), "landing saves a level"
+    assert sum(map(t.lands, range(m))) == sum(1 for j in range(m - 1) if t.lands(j))  # never the last leaf
 
 
 @pytest.mark.parametrize("G", [2, 4, 8, 12, 16, 24])
