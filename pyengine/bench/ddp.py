@@ -268,9 +268,9 @@ def _isolated(default, det, device, repeats):
     """The deterministic path's parts alone, beside the default path's, over this layout's
     buckets (after the timed steps: the buffers' values no longer matter). Collectives: each
     bucket of a zeroed gradient-sized buffer, all issued then all waited, through gloo's ring
-    (the default group), through the exchange (TreeComm, its helper thread), and through two
-    changes to the exchange written here: the halving in pipelined 4 MiB segments, and two
-    buckets in flight at once (alternate buckets on two threads and process groups)."""
+    (the default group), through the exchange (TreeComm: two buckets in flight on its two
+    lanes), and through a change to the exchange written here: one bucket at a time, its
+    halving in pipelined 4 MiB segments."""
     buckets = det.flat.layout.buckets
     flat = det.flat.grad_flat
     rank, world = det.comm.rank, det.comm.world_size
@@ -301,20 +301,9 @@ def _isolated(default, det, device, repeats):
         for b in buckets:
             _exchange(buf[b.start:b.end], rank, world, groups[0], scratch[0], seg)
 
-    def two_in_flight():
-        def half(k):
-            for b in buckets[k::2]:
-                _exchange(buf[b.start:b.end], rank, world, groups[k], scratch[k])
-
-        other = threading.Thread(target=half, args=(1,))
-        other.start()
-        half(0)
-        other.join()
-
     dw, tw = default.reducer.works, det.reducer.works
     n = flat.numel()
     fns = {"ring_allreduce_ms": ring, "tree_allreduce_ms": tree, "tree_segmented_4MiB_ms": segmented,
-           "tree_two_buckets_in_flight_ms": two_in_flight,
            "default_bucket_checks_ms": lambda: [w.after(0) for w in dw],
            "chunk_norm_ms": lambda: [w.after(0) for w in tw]}
     if det.tree is not None:
@@ -339,21 +328,14 @@ def _deterministic_rank(rank, world, device, gcfg, batch, accum, iters, zero, tr
     g = torch.Generator().manual_seed(rank)
     xs = [torch.randint(0, 256, (batch, gcfg.seq_len), generator=g) for _ in range(accum)]
     variants = []
-    # the third, for 2 micro-batches a rank: deterministic=True with the tree's two folds made
-    # no-ops on this engine, so the second micro-batch's gradient lands (autograd's +=) on the
-    # first's instead of beside it: leaf0 + leaf1 either way (a + b == b + a, and 0 + x only
-    # changes a -0), what an engine change could do; its parameters are compared bit for bit
-    kinds = ["default", "deterministic"] + (["deterministic, leaf 1 landing on leaf 0"] if accum == 2 else [])
+    kinds = ["default", "deterministic"]
     for kind in kinds:
         model = _model(gcfg, dev)
-        tag = ["default", "deterministic", "landing"][kinds.index(kind)]
+        tag = kind
         engine = Engine(model, EngineConfig(
             lr=1e-4, weight_decay=0.1, clip_grad_norm=1.0, grad_accum_steps=accum, zero_stage=zero,
             overlap_param_gather=zero == 1, deterministic=kind != "default",
             trace_path=f"{trace_prefix}-zero{zero}-{tag}.json" if trace_prefix else None))
-        if tag == "landing":
-            engine.tree.fold_micro = lambda j: None
-            engine.tree.fold_last = lambda start, end: None
 
         def step(model=model, engine=engine):
             for x in xs:
@@ -369,7 +351,8 @@ def _deterministic_rank(rank, world, device, gcfg, batch, accum, iters, zero, tr
     timers = _Timers()
     timers.wrap(det.comm, "_halving", "exchange_halving")  # helper thread: the rounds and their adds
     timers.wrap(det.comm, "_doubling", "exchange_doubling")
-    timers.wrap(det.comm._p2p, "exchange", "exchange_send_recv")  # inside both: the messages alone
+    for lane in det.comm._lanes:
+        timers.wrap(lane.p2p, "exchange", "exchange_send_recv")  # inside both: the messages alone
     timers.wrap(det.norm, "add_range", "chunk_sumsq")  # helper thread, after each bucket's exchange
     timers.wrap(det.norm, "finish", "chunk_norm_finish")  # main thread, in the step
     if det.tree is not None:
@@ -424,10 +407,6 @@ def _deterministic_rank(rank, world, device, gcfg, batch, accum, iters, zero, tr
         r["vs_default"] = r["step_ms"] / rows[0]["step_ms"]
         # each iteration's pair, run back to back: noise that lasts longer than a step cancels
         r["vs_default_paired"] = statistics.median(a / b for a, b in zip(s, samples[0]))
-    if len(variants) > 2:
-        landing = variants[2][2]
-        rows[2]["same_bits_as_deterministic"] = (torch.equal(det.flat.param_flat, landing.flat.param_flat)
-                                                 and torch.equal(det.flat.master_flat, landing.flat.master_flat))
     for r, (_, _, engine) in zip(rows, variants):
         r["optimizer_ms"] = _optimizer_ms(engine)
     isolated = _isolated(default, det, dev, repeats=max(5, iters // 2))
@@ -474,8 +453,6 @@ def _run_deterministic(args):
           + ", ".join(f"{k} {v:.1f}" for k, v in det["parts_ms"].items())
           + f"; {det['rounds_per_step']:.0f} rounds, {det['wire_bytes_per_step'] / 1e6:.1f} MB sent "
             f"(model {det['wire_bytes_model'] / 1e6:.1f} MB)")
-    if len(rows) > 2:
-        print(f"{rows[2]['variant']}: the same bits as deterministic: {rows[2]['same_bits_as_deterministic']}")
     print("alone, ms: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in isolated.items() if k.endswith("_ms"))
           + f"; the changed exchange sums the same bits: {isolated['changed_exchange_same_bits']}")
     extra = {"world": world, "batch": batch, "seq_len": gcfg.seq_len, "grad_accum_per_rank": accum,
