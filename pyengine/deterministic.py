@@ -26,10 +26,12 @@ their rebuild, the shards or d (layout.py, Note [the deterministic layout]). Und
 each rank sums the chunks of its own slices and the chunk sums are allreduced: every chunk
 is nonzero on one rank only, and x + 0 is exact.
 
-What it costs: the stack (depth(G / d) buffers in the accumulation dtype, memory_per_param()
-'tree_partials'), about depth + 1 more passes over the gradients per micro-batch, padding
-of each parameter to NORM_CHUNK elements, and the exchange's log2(d) rounds per bucket in
-place of the backend's ring (the same bytes on the wire).
+What it costs: the stack (MicroTree.depth buffers in the accumulation dtype, one fewer than
+ceil(log2(G / d)) thanks to Note [landing]; memory_per_param()'s 'tree_partials'), a copy, a
+clear and a few adds over the gradients for every other micro-batch (none at 2 a rank),
+padding of each parameter to NORM_CHUNK elements, and the exchange's log2(d) rounds per bucket
+in place of the backend's ring (the same bytes on the wire). Measured: 0.98-1.05x of the
+default step on 2 CPU cores (README, Benchmarks).
 """
 from typing import List, Tuple
 
