@@ -1,4 +1,4 @@
-"""python -m pyengine.bench {kernels,step,overhead,models,allreduce,ddp} [options]"""
+"""python -m pyengine.bench {kernels,step,overhead,models,allreduce,ddp,lightning,hf} [options]"""
 import argparse
 import sys
 
@@ -13,6 +13,8 @@ def main(argv=None):
         ("models", "GPT-2 124M-1.5B training steps against PyTorch AMP: tokens/s, TFLOP/s, MFU, peak memory"),
         ("allreduce", "nccl-tests style allreduce table for each available backend"),
         ("ddp", "the engine against torch DDP, side by side on several ranks"),
+        ("lightning", "a Lightning Trainer step with EngineStrategy against Lightning's own default, side by side"),
+        ("hf", "a Hugging Face Trainer step with pyengine against the Trainer's own default (Accelerate)"),
     ]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -40,7 +42,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import importlib
 
-    mod = importlib.import_module(f"pyengine.bench.{args.which}")
+    module = {"lightning": "lightning_bench", "hf": "hf_bench"}.get(args.which, args.which)
+    mod = importlib.import_module(f"pyengine.bench.{module}")
     return mod.run(args)
 
 
