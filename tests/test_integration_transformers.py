@@ -136,3 +136,37 @@ def test_two_gloo_ranks():
         assert torch.equal(e0[1][k], e1[1][k]), k
     ddp, _ = ok(run_ranks(_rank_run, 2, False), 2)
     assert_close(ddp, e0)
+
+
+def test_arguments_map_onto_the_engine_config():
+    from pyengine import EngineConfig
+    from pyengine.integrations.transformers import engine_config_from_args
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, learning_rate=2e-4,
+                             weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
+                             gradient_accumulation_steps=4, max_grad_norm=0.0, bf16=True)
+    cfg = engine_config_from_args(args, EngineConfig(bucket_mb=4))
+    assert (cfg.precision, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.grad_accum_steps, cfg.clip_grad_norm,
+            cfg.bucket_mb) == ("bf16", 2e-4, (0.8, 0.95), 1e-6, 0.05, 4, None, 4)
+
+
+def test_bf16_trains_in_bf16():
+    model = tiny_gpt2()
+    logs, _ = train(EngineTrainer, model=model, bf16=True, max_steps=3)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs) and len(logs) == 3
+
+
+def test_no_decay_groups_follow_the_trainer():
+    model = tiny_gpt2()
+    trainer = EngineTrainer(model=model, args=TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[],
+                                                                use_cpu=True, weight_decay=0.1))
+    trainer.create_optimizer()
+    decay = set(trainer.get_decay_parameter_names(model))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    for g in trainer.engine.optimizer.param_groups:
+        names = {by_id[id(p)] for p in g["params"]}
+        assert names <= decay if g["weight_decay"] == 0.1 else not names & decay
+        assert g["weight_decay"] in (0.1, 0.0)
+    assert any("ln_" in n for n in set(by_id.values()) - decay)
+    trainer.engine.close()
