@@ -170,3 +170,41 @@ def test_no_decay_groups_follow_the_trainer():
         assert g["weight_decay"] in (0.1, 0.0)
     assert any("ln_" in n for n in set(by_id.values()) - decay)
     trainer.engine.close()
+
+
+_TORCHRUN_SCRIPT = """
+import os, sys, tempfile, torch
+sys.path.insert(0, {tests!r})
+import transformers
+from test_integration_transformers import EngineTrainer, train
+out, resume = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+steps = []
+class Count(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        steps.append(state.global_step)
+_, w = train(EngineTrainer, out=out if resume is None else tempfile.mkdtemp(), resume=resume, max_steps=6,
+             gradient_accumulation_steps=2, save_strategy="steps", save_steps=3, callbacks=[Count()])
+assert steps == ([4, 5, 6] if resume else [1, 2, 3, 4, 5, 6]), steps
+torch.save(w, os.path.join({result!r}, "w%s-%s.pt" % ("resumed" if resume else "straight", os.environ["RANK"])))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_resume(tmp_path):
+    # the real launcher: Accelerate sets up the gloo group, the engine averages, and a
+    # checkpoint written at 2 ranks resumes bitwise at 2 ranks
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__), result=str(tmp_path)))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(out)]
+    for extra in ([], [str(out / "checkpoint-3")]):
+        r = subprocess.run(launch + extra, env=env, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    w = {name: torch.load(tmp_path / f"w{name}.pt") for name in ("straight-0", "straight-1", "resumed-0",
+                                                                   "resumed-1")}
+    for k in w["straight-0"]:
+        assert all(torch.equal(w["straight-0"][k], w[n][k]) for n in w), k
