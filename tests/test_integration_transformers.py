@@ -208,3 +208,20 @@ def test_torchrun_two_ranks_resume(tmp_path):
                                                                    "resumed-1")}
     for k in w["straight-0"]:
         assert all(torch.equal(w["straight-0"][k], w[n][k]) for n in w), k
+
+
+def test_fp16_skipped_steps_hold_the_scheduler():
+    from pyengine import EngineConfig
+
+    model = tiny_gpt2()
+    trainer = EngineTrainer(model=model, train_dataset=Tokens(),
+                            engine_config=EngineConfig(initial_loss_scale=2.0 ** 22, hysteresis=1),
+                            args=TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], disable_tqdm=True,
+                                                   use_cpu=True, dataloader_num_workers=0, fp16=True,
+                                                   per_device_train_batch_size=2, max_steps=12, warmup_steps=4,
+                                                   save_strategy="no", seed=0))
+    trainer.train()
+    engine = trainer.engine
+    assert engine.config.precision == "fp16" and 0 < engine.skipped_steps < 12
+    assert trainer.lr_scheduler.last_epoch == engine.global_step  # the scheduler stepped on updates only
+    engine.close()

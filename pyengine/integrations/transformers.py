@@ -70,6 +70,15 @@ class _EngineStep:
 
     def __init__(self, engine):
         self.engine = engine
+        self.last = None  # the StepResult of the last engine.step()
+
+    @property
+    def step_was_skipped(self):
+        # Accelerate's optimizer_step_was_skipped reads this: the Trainer then leaves the LR
+        # scheduler where it was, as after a GradScaler skip. Only fp16 skips (one host read).
+        if self.engine.config.precision != "fp16" or self.last is None:
+            return False
+        return not bool(self.last)
 
     @property
     def param_groups(self):
@@ -135,6 +144,7 @@ def _make_class():
                 groups = [g for g in groups if g["params"]]
                 self.engine = Engine(model, self._engine_config, param_groups=groups)
                 self.optimizer = _EngineStep(self.engine)
+                self.accelerator._optimizers.append(self.optimizer)  # for optimizer_step_was_skipped
             return self.optimizer
 
         def create_scheduler(self, num_training_steps, optimizer=None):
@@ -163,7 +173,7 @@ def _make_class():
             # grad_accum_steps itself, so it gets the loss back at one micro-batch's scale.
             ga = self.engine.config.grad_accum_steps
             self.engine.backward(loss * ga if ga != 1 else loss)
-            self.engine.step()  # updates at the engine's boundary, which is the Trainer's
+            self.optimizer.last = self.engine.step()  # updates at the engine's boundary, the Trainer's
 
         def _clip_grad_norm(self, model):
             return self.engine.grad_norm_tensor.detach().clone()
