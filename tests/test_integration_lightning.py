@@ -179,6 +179,10 @@ class Split(MLP):
 
 @pytest.mark.slow
 def test_two_gloo_ranks(tmp_path):
+    # the one-process runs above left a process group of 1 in this process; forked ranks must
+    # not inherit it
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     two = Split(save_to=str(tmp_path / "w"))
     trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=10, enable_progress_bar=False, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
