@@ -177,6 +177,23 @@ class Split(MLP):
         return torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler)
 
 
+def test_mixed_precision_on_cpu_is_bf16():
+    # Lightning itself turns "16-mixed" into "bf16-mixed" on the CPU (no fp16 AMP there)
+    m = MLP()
+    trainer = fit(m, True, steps=10, precision="16-mixed")
+    assert m.net[0].weight.dtype == torch.bfloat16
+    assert trainer.strategy._final_state["config"]["precision"] == "bf16"
+    assert all(torch.isfinite(x).all() for x in m.losses)
+
+
+def test_accumulation_of_three():
+    # 3 is not a power of two: undoing Lightning's 1/3 and the engine's own 1/3 round once more
+    ref, eng = MLP(), MLP()
+    fit(ref, False, steps=6, accumulate_grad_batches=3)
+    fit(eng, True, steps=6, accumulate_grad_batches=3)
+    close(weights(eng), weights(ref))
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks(tmp_path):
     # the one-process runs above left a process group of 1 in this process; forked ranks must

@@ -14,7 +14,7 @@ step, as DeepSpeed's does. What Lightning holds is mapped onto the Engine:
                                                maximize); its LR schedulers drive engine.optimizer
   Trainer(accumulate_grad_batches=k)        -> grad_accum_steps=k
   Trainer(gradient_clip_val=c) (norm)       -> clip_grad_norm=c
-  Trainer(precision=...)                    -> "32-true": fp32, "bf16-true": bf16,
+  Trainer(precision=...)                    -> "32-true": fp32, "bf16-true"/"bf16-mixed": bf16,
                                                "16-mixed": fp16 with dynamic loss scaling
   checkpoints                               -> hold engine.state_dict(); ckpt_path resumes it
 
@@ -41,7 +41,9 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
 
 __all__ = ["EngineStrategy", "EnginePrecision"]
 
-_PRECISIONS = {"32-true": "fp32", "32": "fp32", "bf16-true": "bf16", "16-mixed": "fp16"}
+# "bf16-mixed" too: the engine's bf16 keeps fp32 master weights, which is what mixed asks for (and
+# Lightning turns "16-mixed" into "bf16-mixed" on the CPU, where it has no fp16 AMP)
+_PRECISIONS = {"32-true": "fp32", "32": "fp32", "bf16-true": "bf16", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 _HYPER_KEYS = {
     "adamw": ("lr", "betas", "eps", "weight_decay", "maximize"),
     "adam": ("lr", "betas", "eps", "weight_decay", "maximize"),
@@ -166,8 +168,8 @@ class EngineStrategy(DDPStrategy):
                     "drive pyengine.Engine yourself without Lightning's strategy")
         mode = str(trainer.precision)
         if mode not in _PRECISIONS:
-            _refuse(f"Trainer(precision={mode!r}) is not supported; use '32-true' (fp32), 'bf16-true' (bf16 "
-                    "parameters, fp32 master weights) or '16-mixed' (fp16 parameters, fp32 master weights, dynamic "
+            _refuse(f"Trainer(precision={mode!r}) is not supported; use '32-true' (fp32), 'bf16-true' or "
+                    "'bf16-mixed' (bf16 parameters, fp32 master weights) or '16-mixed' (fp16 parameters, fp32 master weights, dynamic "
                     "loss scaling)")
         if trainer.gradient_clip_val and GradClipAlgorithmType(trainer.gradient_clip_algorithm or "norm") != \
                 GradClipAlgorithmType.NORM:
