@@ -145,10 +145,15 @@ def resolve(args, parser, argv):
             args.precision = "fp32"  # bf16 matmuls are ~15x slower than fp32 on these CPUs
         else:
             args.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if args.nproc is None:
+    from .worker import in_torchrun
+
+    if in_torchrun():  # the user's torchrun decides: nproc is the whole world, on every node
+        args.nproc = int(os.environ["WORLD_SIZE"])
+    elif args.nproc is None:
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
-    if args.device == "cuda" and args.nproc > torch.cuda.device_count():
-        parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) visible")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)) if in_torchrun() else args.nproc
+    if args.device == "cuda" and per_node > torch.cuda.device_count():
+        parser.error(f"--nproc {per_node}: only {torch.cuda.device_count()} GPU(s) visible")
     if args.grad_accum is None:
         args.grad_accum = 8 if args.deterministic else 1
     if args.baseline == "ddp":
@@ -227,6 +232,10 @@ def _resolve_resume(args, parser, argv):
         print("pyengine-train: resuming with " + ", ".join(
             f"--{k.replace('_', '-')} {v} (was {saved.get(k)})" for k, v in changed.items()), file=sys.stderr)
     resolved = argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
+    from .worker import in_torchrun
+
+    if in_torchrun():  # the user's torchrun sets the world this time
+        resolved.nproc = int(os.environ["WORLD_SIZE"])
     if "steps" in changed and resolved.steps != resolved.schedule_steps:
         print(f"pyengine-train: {_schedule_note(resolved)}", file=sys.stderr)
     if latest_checkpoint(run_dir) is None:
@@ -354,8 +363,16 @@ def main(argv=None):
     if in_torchrun():  # the user's own torchrun (e.g. several nodes): this process is one rank
         if first and not args.resume:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(vars(args), indent=1))
-        return train(args)
+            world, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            recorded = {**vars(args), "nproc_per_node": per_node, "nnodes": max(1, world // per_node)}
+            (out / "config.json").write_text(json.dumps(recorded, indent=1))
+        from .stop import StopFlag, die_with_parent
+
+        # the parent is torchrun's agent: its death (kill -9, a lost node) stops this rank at
+        # the next step with a checkpoint, as under our own launcher
+        stop = StopFlag()
+        die_with_parent(os.getppid(), stop)
+        return train(args, stop)
     try:
         lock_fd = rundir.lock(out)
     except rundir.RunFolderError as exc:
