@@ -201,3 +201,26 @@ def test_too_little_data_is_refused_before_any_rank_starts(tmp_path):
     assert res.returncode == 2
     assert "102 bytes give each of 2 rank(s) 51 bytes, fewer than the 196 that --seq-len 64 needs" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_baseline_ddp_alternates_its_steps_with_the_engine_and_is_named_for_what_ran(tmp_path):
+    out = tmp_path / "run"
+    res = cli(*TINY, "--steps", "4", "--out", str(out), "--baseline", "ddp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"]["label"] == "DDP" and summary["baseline"]["interleaved"]  # fp32: no AMP
+    engine = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    base = [json.loads(line) for line in (out / "baseline_ddp.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in base] == [1, 2, 3, 4]
+    # engine step k is logged before DDP step k, which ends before engine step k + 1
+    for k in range(3):
+        assert engine[k]["time"] <= base[k]["time"] <= engine[k + 1]["time"]
+    report = (out / "report.md").read_text()
+    assert "torch DDP" in report and "DDP + AMP" not in report and "alternated" in report
+    assert "baseline DDP" in res.stderr or "DDP ms" in res.stderr  # progress while DDP trains
+
+
+def test_baseline_label_names_the_amp_dtype():
+    from pyengine.train.baseline import label
+
+    assert (label("fp32"), label("bf16"), label("fp16")) == ("DDP", "DDP + AMP (bf16)", "DDP + AMP (fp16)")

@@ -82,7 +82,8 @@ def build_parser():
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--baseline", choices=("ddp",), default=None,
-                   help="afterwards, train the same run with torch DDP + AMP for a side-by-side report")
+                   help="also train the same run with torch DDP (+ AMP autocast in bf16/fp16), its steps "
+                        "alternating with the engine's, for a side-by-side report")
     p.add_argument("--trace", action="store_true", help="write a Chrome trace of backward, buckets and optimizer")
     p.add_argument("--nproc", type=_positive_int, default=None,
                    help="ranks on this machine (default: one per GPU, else 2 CPU ranks)")

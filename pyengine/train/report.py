@@ -36,10 +36,12 @@ def write_plots(out, rows, baseline_rows, summary):
     steps = [r["step"] for r in rows]
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in rows], label="train loss (pyengine)", lw=1)
-    if baseline_rows:
-        ax.plot([r["step"] for r in baseline_rows], [r["loss"] for r in baseline_rows], label="train loss (torch DDP)",
-                lw=1, alpha=0.7)
+    base_label = (summary.get("baseline") or {}).get("label", "torch DDP")
+    ax.plot(steps, [r["loss"] for r in rows], label="train loss (pyengine)", lw=1.5)
+    if baseline_rows:  # dashed with markers: the curves may coincide
+        ax.plot([r["step"] for r in baseline_rows], [r["loss"] for r in baseline_rows],
+                label=f"train loss ({base_label})", lw=1, ls="--", marker="x", markevery=max(1, len(baseline_rows) // 20),
+                alpha=0.8)
     if summary.get("val_loss") is not None and steps:
         ax.scatter([steps[-1]], [summary["val_loss"]], color="red", zorder=3, label="held-out loss")
     ax.axhline(summary["uniform_loss"], color="gray", ls="--", lw=1, label="uniform guess (ln 256)")
@@ -58,8 +60,12 @@ def write_plots(out, rows, baseline_rows, summary):
     fb = [1e3 * r["fwd_bwd_s"] for r in rows]
     ex = [1e3 * r["exposed_comm_s"] for r in rows]
     op = [1e3 * r["optimizer_s"] for r in rows]
-    ax.stackplot(steps, fb, ex, op, labels=["forward + backward", "exposed comm", "optimizer"])
-    paths["time"] = _finish(fig, ax, out / "step_time.png", "Step time breakdown (rank 0)", ylabel="ms",
+    ax.stackplot(steps, fb, ex, op, labels=["pyengine: forward + backward", "pyengine: exposed comm",
+                                            "pyengine: optimizer"])
+    if baseline_rows:
+        ax.plot([r["step"] for r in baseline_rows], [1e3 * r["step_s"] for r in baseline_rows], color="black",
+                lw=1, ls="--", label=f"{base_label}: whole step")
+    paths["time"] = _finish(fig, ax, out / "step_time.png", "Step time (rank 0)", ylabel="time per step (ms)",
                             legend_loc="upper right")
     return paths
 
@@ -107,8 +113,10 @@ def write_report(out, args, summary):
     ]
     if base:
         lines += [
-            "## Side by side: torch DDP + AMP", "",
-            "| | pyengine | torch DDP |", "| --- | --- | --- |",
+            f"## Side by side: torch {base.get('label', 'DDP')}", "",
+            ("Steps alternated with the engine's (engine step, DDP step, ...), so both ran under the same load."
+             if base.get("interleaved") else "Trained after the engine's run (a resumed run), from step 0."), "",
+            f"| | pyengine | torch {base.get('label', 'DDP')} |", "| --- | --- | --- |",
             f"| tokens/s | {tok_s:,.0f} | {base['tokens_per_s']:,.0f} |",
             f"| step ms (median) | {1e3 * step_s:.1f} | {1e3 * base['step_s']:.1f} |",
             f"| final train loss | {rows[-1]['loss']:.3f} | {base['final_loss']:.3f} |" if rows else "",

@@ -155,6 +155,13 @@ def train(args, stop=None):
         checkpoints.save(engine, out, at, args.keep_checkpoints, extra={"world_size": world})
 
     graph = _StepGraph(model, engine) if getattr(args, "cuda_graph", False) else None
+    # --baseline ddp on a fresh run: its steps alternate with the engine's (baseline.py)
+    base = None
+    if args.baseline == "ddp" and start == 0:
+        from .baseline import DDPBaseline
+
+        base = DDPBaseline(args, data, device, rank, world)
+        log_.baseline_label = base.label
     try:
         while step < args.steps:
             t0 = time.perf_counter()
@@ -189,6 +196,8 @@ def train(args, stop=None):
                 exposed = st["exposed_comm_s"] - comm_prev["exposed_comm_s"]
                 comm_prev = st
             _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed)
+            if base is not None:
+                log_.baseline_step_s = base.step(step)["step_s"]
             step += 1
             if device.type == "cuda" and (step % args.log_every == 0 or step == args.steps):
                 comm_prev = log_.spread_exposed(engine.stats(), comm_prev)
@@ -218,7 +227,12 @@ def train(args, stop=None):
                "peak_tflops_per_device": peak_tflops(device), "device_name": _device_name(device),
                "skipped_steps": engine.skipped_steps, "loss_scale": engine.loss_scale, "comm": engine.stats(),
                "trace": trace}
-    if args.baseline == "ddp" and not interrupted:
+    if base is not None:
+        if not interrupted:
+            summary["baseline"] = base.finish(out)
+        elif base.own_group:
+            dist.destroy_process_group()
+    elif args.baseline == "ddp" and not interrupted:  # resumed: the baseline runs afterwards, from step 0
         from .baseline import run_ddp_baseline
 
         summary["baseline"] = run_ddp_baseline(args, data, device, out, rank, world)
@@ -250,7 +264,7 @@ def step_loss(losses):
 def _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed):
     log_.add(torch.stack([loss.reshape(()), engine.scaler.scale_tensor.reshape(()), result.flag.reshape(()),
                           engine.grad_norm_tensor.reshape(())]),
-             {"step": step + 1, "lr": lr, "fwd_bwd_s": t1 - t0,
+             {"step": step + 1, "time": time.time(), "lr": lr, "fwd_bwd_s": t1 - t0,
               "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed), "step_s": t2 - t0})
 
 
@@ -311,6 +325,7 @@ class _MetricsLog:
     def __init__(self, file, pbar, tokens_per_step):
         self.file, self.pbar, self.tokens_per_step = file, pbar, tokens_per_step
         self.pending = []  # per step: device tensor [loss, loss_scale, skipped, grad_norm] + host timings
+        self.baseline_label, self.baseline_step_s = None, None  # --baseline ddp, interleaved
         self.t_window = time.perf_counter()
 
     def add(self, values, info):
@@ -340,5 +355,9 @@ class _MetricsLog:
         if self.pbar is not None:
             self.pbar.update(len(self.pending))
             tps = self.tokens_per_step * len(self.pending) / max(elapsed, 1e-9)
-            self.pbar.set_postfix(loss=f"{values[-1][0]:.3f}", tok_s=f"{tps:,.0f}", scale=f"{values[-1][1]:g}")
+            post = {"loss": f"{values[-1][0]:.3f}", "tok_s": f"{tps:,.0f}", "scale": f"{values[-1][1]:g}"}
+            if self.baseline_step_s is not None:
+                post["step_ms"] = f"{1e3 * self.pending[-1][1]['step_s']:.0f}"
+                post[self.baseline_label + " ms"] = f"{1e3 * self.baseline_step_s:.0f}"
+            self.pbar.set_postfix(post)
         self.pending, self.t_window = [], time.perf_counter()
