@@ -27,10 +27,16 @@ def test_end_to_end_two_ranks(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
     rec = json.loads(lines[-1])
-    assert {"step", "loss", "lr", "loss_scale", "tokens_per_s", "fwd_bwd_s", "exposed_comm_s", "optimizer_s"} <= set(rec)
+    assert {"step", "time", "loss", "lr", "loss_scale", "grad_norm", "tokens_per_s", "fwd_bwd_s", "exposed_comm_s",
+            "optimizer_s"} <= set(rec)
+    assert abs(rec["time"] - time.time()) < 600  # unix seconds
     report = (out / "report.md").read_text()
     assert "held-out loss" in report and "Sample" in report and "bytes" in report
-    for png in ("loss.png", "loss_scale.png", "step_time.png"):
+    assert "Wall time:" in report and "Data: Python standard library (default)" in report
+    assert "Resumed" not in report
+    assert not (out / "loss_scale.png").exists() and "loss_scale.png" not in report  # fp32: no loss scale
+    for png in ("loss.png", "lr.png", "grad_norm.png", "step_time.png"):
+        assert f"]({png})" in report
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, png
         from PIL import Image
@@ -39,6 +45,9 @@ def test_end_to_end_two_ranks(tmp_path):
             im.verify()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_loss"] < summary["uniform_loss"]
+    assert summary["data"]["source"] == "Python standard library (default)"
+    assert summary["data"]["corpus_bytes"] > summary["data"]["bytes_used"] > 0
+    assert 0 < summary["wall_s"] <= summary["wall_s_total"]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-0000006"]
     assert (out / "trace.rank0.json").exists() and (out / "trace.rank1.json").exists()
 
@@ -79,6 +88,11 @@ def test_interrupt_then_resume_is_bitwise(tmp_path):
         assert torch.equal(sx, sy)
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps_logged == list(range(1, 61)), "metrics continue where they stopped"
+    resumed = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if json.loads(line).get("resumed")]
+    assert resumed == [stopped + 1]
+    assert f"Resumed at step {stopped}." in (run / "report.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["wall_s_total"] > summary["wall_s"]  # both invocations
 
 
 def test_zero1_run_writes_one_shard_per_rank_and_resumes_sharded_or_on_one_rank(tmp_path):

@@ -79,6 +79,7 @@ def train(args, stop=None):
     """Returns 0 when the run reached args.steps, 130 when it stopped early on request."""
     from .stop import StopFlag
 
+    t_start = time.time()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -146,6 +147,7 @@ def train(args, stop=None):
                  device.type, args.precision, tokens_per_step)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     log_ = _MetricsLog(metrics, pbar, tokens_per_step)
+    log_.mark_resumed = start > 0  # the first row written says the run resumed there
     comm_prev = engine.stats()
     step = start
     interrupted = False
@@ -226,7 +228,7 @@ def train(args, stop=None):
                "flops_per_token": flops_per_token(n_params, PRESETS[args.model], args.seq_len),
                "peak_tflops_per_device": peak_tflops(device), "device_name": _device_name(device),
                "skipped_steps": engine.skipped_steps, "loss_scale": engine.loss_scale, "comm": engine.stats(),
-               "trace": trace}
+               "trace": trace, "data": describe_data(args, data, world)}
     if base is not None:
         if not interrupted:
             summary["baseline"] = base.finish(out)
@@ -238,6 +240,7 @@ def train(args, stop=None):
         summary["baseline"] = run_ddp_baseline(args, data, device, out, rank, world)
     if rank == 0:
         summary["sample"] = sample_text(model, data, device)
+        summary.update(wall_times(out, t_start, bool(args.resume)))
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         from .report import write_report
 
@@ -251,6 +254,33 @@ def train(args, stop=None):
     if lock_fd is not None:
         os.close(lock_fd)
     return 130 if interrupted else 0
+
+
+def describe_data(args, data, world) -> dict:
+    """Where the text came from and how much of it: summary.json's and the report's."""
+    from .data import StepData, corpus_files
+
+    files = corpus_files(args.data)
+    if isinstance(data, StepData):
+        used = data.corpus.size  # every rank reads from the same bytes
+    else:
+        used = (data.train.numel() + data.val.numel()) * world  # about: the shards are equal to a byte
+    return {"source": str(Path(args.data).resolve()) if args.data else "Python standard library (default)",
+            "files": len(files), "corpus_bytes": sum(f.stat().st_size for f in files), "bytes_used": used,
+            "max_data_mb": args.max_data_mb}
+
+
+def wall_times(out, t_start, resumed) -> dict:
+    """This invocation's wall time, and the run's over all its invocations (the earlier ones'
+    from the summary.json they left; an invocation that crashed left none)."""
+    now = time.time()
+    earlier = 0.0
+    if resumed:
+        try:
+            earlier = float(json.loads((out / "summary.json").read_text()).get("wall_s_total", 0.0))
+        except (OSError, ValueError):
+            pass
+    return {"wall_s": now - t_start, "wall_s_total": earlier + now - t_start}
 
 
 def step_loss(losses):
@@ -326,6 +356,7 @@ class _MetricsLog:
         self.file, self.pbar, self.tokens_per_step = file, pbar, tokens_per_step
         self.pending = []  # per step: device tensor [loss, loss_scale, skipped, grad_norm] + host timings
         self.baseline_label, self.baseline_step_s = None, None  # --baseline ddp, interleaved
+        self.mark_resumed = False
         self.t_window = time.perf_counter()
 
     def add(self, values, info):
@@ -350,6 +381,8 @@ class _MetricsLog:
             for (loss, scale, skipped, norm), (_, info) in zip(values, self.pending):
                 rec = {**info, "loss": loss, "loss_scale": scale, "skipped": bool(skipped), "grad_norm": norm,
                        "tokens_per_s": self.tokens_per_step / max(info["step_s"], 1e-9)}
+                if self.mark_resumed:
+                    rec["resumed"], self.mark_resumed = True, False
                 self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
         if self.pbar is not None:
