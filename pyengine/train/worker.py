@@ -387,6 +387,8 @@ class _MetricsLog:
             self.file.flush()
         if self.pbar is not None:
             self.pbar.update(len(self.pending))
+            if self.baseline_step_s is not None:  # the window's wall time holds the DDP steps too
+                elapsed = sum(info["step_s"] for _, info in self.pending)
             tps = self.tokens_per_step * len(self.pending) / max(elapsed, 1e-9)
             post = {"loss": f"{values[-1][0]:.3f}", "tok_s": f"{tps:,.0f}", "scale": f"{values[-1][1]:g}"}
             if self.baseline_step_s is not None:
