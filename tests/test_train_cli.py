@@ -206,6 +206,20 @@ def test_help_documents_every_flag():
 
     assert "{" + ",".join(OPTIMIZERS) + "}" in res.stdout, "--optimizer offers what the engine has"
     assert "sgd with momentum 0.9" in " ".join(res.stdout.split())
+    text = " ".join(res.stdout.split())
+    assert "gpt2 (12 layers x 768, 12 heads, 1024-byte context, GPT-2 124M's shape)" in text
+    assert "large (12 layers x 768, 12 heads, 512-byte context" in text
+    assert "auto (default): cuda when torch sees a GPU, else cpu" in text
+
+
+def test_under_torchrun_nproc_is_the_world_size(monkeypatch):
+    from pyengine.train.cli import build_parser, resolve
+
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    parser = build_parser()
+    argv = ["--model", "tiny", "--device", "cpu", "--nproc", "2"]
+    assert resolve(parser.parse_args(argv), parser, argv).nproc == 4
 
 
 def test_too_little_data_is_refused_before_any_rank_starts(tmp_path):

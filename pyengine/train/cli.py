@@ -43,6 +43,10 @@ def _positive_float(text):
     return v
 
 
+PRESET_NOTES = {"large": "GPT-2 124M's layers at half its context",
+                "gpt2": "GPT-2 124M's shape"}
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pyengine-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +55,8 @@ def build_parser():
                         "a --resume with more trains the extra steps at the final lr")
     p.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="model size preset: " + ", ".join(
-                       f"{k} ({v.n_layer} layers x {v.d_model})" for k, v in PRESETS.items()) +
+                       f"{k} ({v.n_layer} layers x {v.d_model}, {v.n_head} heads, {v.seq_len}-byte context"
+                       f"{', ' + PRESET_NOTES[k] if k in PRESET_NOTES else ''})" for k, v in PRESETS.items()) +
                    " (default: small on a CPU, gpt2 on a GPU)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="sequences per rank per micro-batch (default: 16 on a CPU; on a GPU, what fills its memory)")
@@ -86,8 +91,9 @@ def build_parser():
                         "alternating with the engine's, for a side-by-side report")
     p.add_argument("--trace", action="store_true", help="write a Chrome trace of backward, buckets and optimizer")
     p.add_argument("--nproc", type=_positive_int, default=None,
-                   help="ranks on this machine (default: one per GPU, else 2 CPU ranks)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(auto)")
+                   help="ranks on this machine (default: one per GPU, else 2 CPU ranks); under torchrun, "
+                        "torchrun's world size is used and config.json records it with nproc_per_node and nnodes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto (default): cuda when torch sees a GPU, else cpu")
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between progress updates (10)")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints; 0: only at the end (100)")
     p.add_argument("--eval-batches", type=_positive_int, default=20,
