@@ -134,7 +134,30 @@ def build(model, config, param_groups) -> Parts:
                                 parts.stats, modules=list(model.modules()), tree=parts.tree, norm=parts.norm)
     parts.guard = GradGuard(parts.flat, parts.names, inexact_reason(parts), parts.window, parts.tree)
     parts.plan = make_plan(parts)
+    parts.input_cast = install_input_cast(model, dtype) if cfg.cast_inputs and dtype != torch.float32 else None
     return parts
+
+
+def install_input_cast(model, dtype):
+    """A forward pre-hook on the root module: floating-point tensors among forward's args and
+    kwargs (nested in lists, tuples and dicts too) become `dtype`; others pass unchanged."""
+
+    def cast(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        if isinstance(x, (list, tuple)):
+            items = [cast(v) for v in x]
+            if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+                return type(x)(*items)
+            return type(x)(items)
+        if isinstance(x, dict):
+            return type(x)((k, cast(v)) for k, v in x.items())
+        return x
+
+    def hook(module, args, kwargs):
+        return cast(args), cast(kwargs)
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def make_plan(parts) -> StepPlan:

@@ -74,6 +74,14 @@ class EngineConfig:
           and a run at 1, 2, 4, ... ranks gives bitwise the same weights. World sizes: powers
           of two; the wire carries the accumulation dtype (comm_dtype None or that dtype).
 
+    Inputs
+      cast_inputs: with precision "bf16" or "fp16", the floating-point tensors among the
+          arguments of the model's forward (positional and keyword, inside lists, tuples and
+          dicts too) are cast to that dtype before forward runs (a forward pre-hook on the
+          model, removed by close()), so fp32 batches feed a half-precision model. Integer
+          and bool tensors (token ids, masks) are left as they are. No effect with fp32.
+          False: inputs reach the model as given.
+
     Observability
       trace_path: write a Chrome trace (chrome://tracing, Perfetto) of backward, buckets
           and optimizer to this file (per-rank suffix when distributed).
@@ -111,6 +119,7 @@ class EngineConfig:
     comm_timeout: float = 300.0
     broadcast_params: bool = True
     deterministic: bool = False
+    cast_inputs: bool = True
     trace_path: Optional[str] = None
 
     def __post_init__(self):
@@ -136,7 +145,7 @@ class EngineConfig:
             raise ValueError("EngineConfig.overlap_param_gather: only with zero_stage=1 (without sharding there are no "
                              "parameters to gather)")
         for flag in ("overlap_param_gather", "find_unused_parameters", "rebuild_buckets", "broadcast_params",
-                     "nesterov", "maximize", "consecutive_hysteresis", "deterministic"):
+                     "nesterov", "maximize", "consecutive_hysteresis", "deterministic", "cast_inputs"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"EngineConfig.{flag}: expected True or False, got {type(getattr(self, flag)).__name__}")
         self._check_optimizer_fields()

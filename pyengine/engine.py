@@ -166,6 +166,9 @@ class Engine:
     def _detach(self):
         p = self._parts
         p.guard.remove()
+        if getattr(p, "input_cast", None) is not None:
+            p.input_cast.remove()
+            p.input_cast = None
         for q in p.params:
             q.grad = None  # the model is PyTorch's again: no engine handles left on it
         self._views.remove()

@@ -375,3 +375,75 @@ def test_load_refuses_other_param_groups_and_single_files_before_writing_anythin
     sd = engine.state_dict()
     with pytest.raises(ValueError, match="the checkpoint has 2 param group"):
         one_group.load_state_dict(sd)
+
+
+# -- cast_inputs: fp32 batches feed a half-precision engine ----------------------------------------
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cast_inputs_fp32_batches_match_precast_bitwise(precision):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = mlp(), mlp()
+    ea = Engine(a, EngineConfig(precision=precision, lr=1e-2, loss_scale=1024.0 if precision == "fp16" else "dynamic"))
+    eb = Engine(b, EngineConfig(precision=precision, lr=1e-2, loss_scale=1024.0 if precision == "fp16" else "dynamic",
+                                cast_inputs=False))
+    for x, y in batches(4):
+        ea.backward(((a(x) - y.to(dtype)) ** 2).float().mean())  # fp32 x: cast by the engine
+        ea.step()
+        eb.backward(((b(x.to(dtype)) - y.to(dtype)) ** 2).float().mean())  # cast by hand
+        eb.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert pa.dtype == dtype
+        assert torch.equal(pa, pb)
+    ea.close()
+    eb.close()
+
+
+def test_cast_inputs_false_gives_torchs_own_error():
+    model = mlp()
+    engine = Engine(model, EngineConfig(precision="bf16", cast_inputs=False))
+    with pytest.raises(RuntimeError, match="dtype"):
+        model(torch.randn(2, 12))
+    engine.close()
+
+
+class _Mixed(torch.nn.Module):
+    """Takes token ids, an fp32 tensor inside a nested structure, and a keyword tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 12)
+        self.lin = torch.nn.Linear(12, 3)
+        self.seen = {}
+
+    def forward(self, ids, extra, scale=None):
+        self.seen = {"ids": ids.dtype, "nested": extra["feats"][0].dtype, "mask": extra["feats"][1].dtype,
+                     "scale": scale.dtype}
+        return self.lin(self.emb(ids) + extra["feats"][0]) * scale
+
+
+def test_cast_inputs_nested_and_keyword_floats_cast_integers_untouched_close_removes_hook():
+    torch.manual_seed(0)
+    model = _Mixed()
+    engine = Engine(model, EngineConfig(precision="bf16"))
+    ids = torch.randint(0, 10, (2, 5))
+    extra = {"feats": [torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool)]}
+    out = model(ids, extra, scale=torch.tensor(2.0))
+    assert model.seen == {"ids": torch.int64, "nested": torch.bfloat16, "mask": torch.bool, "scale": torch.bfloat16}
+    engine.backward(out.float().sum())
+    engine.step()
+    assert ids.dtype == torch.int64 and extra["feats"][0].dtype == torch.float32  # the caller's tensors stay
+    assert len(model._forward_pre_hooks) == 1
+    engine.close()
+    assert len(model._forward_pre_hooks) == 0
+    with pytest.raises(RuntimeError, match="dtype"):
+        model(ids, extra, scale=torch.tensor(2.0))
+
+
+def test_cast_inputs_no_hook_in_fp32_and_in_the_fingerprint():
+    from pyengine.distributed import fingerprint
+
+    model = mlp()
+    engine = Engine(model, EngineConfig())
+    assert len(model._forward_pre_hooks) == 0
+    engine.close()
+    named = list(model.named_parameters())
+    assert fingerprint(named, EngineConfig(cast_inputs=True)) != fingerprint(named, EngineConfig(cast_inputs=False))

@@ -431,3 +431,38 @@ def test_zero1_main_job_with_an_out_per_node_fails_at_the_first_checkpoint(tmp_p
         assert (node / "metrics.jsonl").exists() == (rank == 0)
     assert [json.loads(line)["step"] for line in (tmp_path / "node0" / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2], "it failed at the first checkpoint, step 2"
+
+
+# A stand-in for torchrun's agent: starts one rank with torchrun's environment, says its pid, waits.
+_AGENT = """
+import os, subprocess, sys
+env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
+           TORCHELASTIC_RUN_ID="test", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
+p = subprocess.Popen([sys.executable, "-m", "pyengine.train", *sys.argv[1:]], env=env)
+print(p.pid, flush=True)
+p.wait()
+"""
+
+
+def test_a_rank_under_torchrun_stops_with_a_checkpoint_when_the_agent_is_killed(tmp_path):
+    out = tmp_path / "run"
+    agent = subprocess.Popen([sys.executable, "-c", _AGENT, *LONG, "--out", str(out)], start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank = int(agent.stdout.readline())
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(agent.stderr), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while not any("tokens/step" in line for line in list(lines)):
+        assert time.time() < deadline and alive(rank), "the rank did not start: " + "".join(lines)[-2000:]
+        time.sleep(0.1)
+    time.sleep(2.0)
+    os.kill(agent.pid, signal.SIGKILL)  # kill -9 of the agent, or its node lost
+    agent.wait(timeout=10)
+    deadline = time.time() + 60
+    while time.time() < deadline and alive(rank):
+        time.sleep(0.2)
+    assert not alive(rank), "the rank trained on without its agent"
+    assert checkpoints(out), "it stopped like on Ctrl-C: a checkpoint at the next step"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["nproc"], config["nproc_per_node"], config["nnodes"]) == (1, 1, 1)

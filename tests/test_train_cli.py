@@ -27,10 +27,16 @@ def test_end_to_end_two_ranks(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
     rec = json.loads(lines[-1])
-    assert {"step", "loss", "lr", "loss_scale", "tokens_per_s", "fwd_bwd_s", "exposed_comm_s", "optimizer_s"} <= set(rec)
+    assert {"step", "time", "loss", "lr", "loss_scale", "grad_norm", "tokens_per_s", "fwd_bwd_s", "exposed_comm_s",
+            "optimizer_s"} <= set(rec)
+    assert abs(rec["time"] - time.time()) < 600  # unix seconds
     report = (out / "report.md").read_text()
     assert "held-out loss" in report and "Sample" in report and "bytes" in report
-    for png in ("loss.png", "loss_scale.png", "step_time.png"):
+    assert "Wall time:" in report and "Data: Python standard library (default)" in report
+    assert "Resumed" not in report
+    assert not (out / "loss_scale.png").exists() and "loss_scale.png" not in report  # fp32: no loss scale
+    for png in ("loss.png", "lr.png", "grad_norm.png", "step_time.png"):
+        assert f"]({png})" in report
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, png
         from PIL import Image
@@ -39,6 +45,9 @@ def test_end_to_end_two_ranks(tmp_path):
             im.verify()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_loss"] < summary["uniform_loss"]
+    assert summary["data"]["source"] == "Python standard library (default)"
+    assert summary["data"]["corpus_bytes"] > summary["data"]["bytes_used"] > 0
+    assert 0 < summary["wall_s"] <= summary["wall_s_total"]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-0000006"]
     assert (out / "trace.rank0.json").exists() and (out / "trace.rank1.json").exists()
 
@@ -79,6 +88,11 @@ def test_interrupt_then_resume_is_bitwise(tmp_path):
         assert torch.equal(sx, sy)
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps_logged == list(range(1, 61)), "metrics continue where they stopped"
+    resumed = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if json.loads(line).get("resumed")]
+    assert resumed == [stopped + 1]
+    assert f"Resumed at step {stopped}." in (run / "report.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["wall_s_total"] > summary["wall_s"]  # both invocations
 
 
 def test_zero1_run_writes_one_shard_per_rank_and_resumes_sharded_or_on_one_rank(tmp_path):
@@ -192,6 +206,20 @@ def test_help_documents_every_flag():
 
     assert "{" + ",".join(OPTIMIZERS) + "}" in res.stdout, "--optimizer offers what the engine has"
     assert "sgd with momentum 0.9" in " ".join(res.stdout.split())
+    text = " ".join(res.stdout.split())
+    assert "gpt2 (12 layers x 768, 12 heads, 1024-byte context, GPT-2 124M's shape)" in text
+    assert "large (12 layers x 768, 12 heads, 512-byte context" in text
+    assert "auto (default): cuda when torch sees a GPU, else cpu" in text
+
+
+def test_under_torchrun_nproc_is_the_world_size(monkeypatch):
+    from pyengine.train.cli import build_parser, resolve
+
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    parser = build_parser()
+    argv = ["--model", "tiny", "--device", "cpu", "--nproc", "2"]
+    assert resolve(parser.parse_args(argv), parser, argv).nproc == 4
 
 
 def test_too_little_data_is_refused_before_any_rank_starts(tmp_path):
@@ -201,3 +229,26 @@ def test_too_little_data_is_refused_before_any_rank_starts(tmp_path):
     assert res.returncode == 2
     assert "102 bytes give each of 2 rank(s) 51 bytes, fewer than the 196 that --seq-len 64 needs" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_baseline_ddp_alternates_its_steps_with_the_engine_and_is_named_for_what_ran(tmp_path):
+    out = tmp_path / "run"
+    res = cli(*TINY, "--steps", "4", "--out", str(out), "--baseline", "ddp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"]["label"] == "DDP" and summary["baseline"]["interleaved"]  # fp32: no AMP
+    engine = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    base = [json.loads(line) for line in (out / "baseline_ddp.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in base] == [1, 2, 3, 4]
+    # engine step k is logged before DDP step k, which ends before engine step k + 1
+    for k in range(3):
+        assert engine[k]["time"] <= base[k]["time"] <= engine[k + 1]["time"]
+    report = (out / "report.md").read_text()
+    assert "torch DDP" in report and "DDP + AMP" not in report and "alternated" in report
+    assert "baseline DDP" in res.stderr or "DDP ms" in res.stderr  # progress while DDP trains
+
+
+def test_baseline_label_names_the_amp_dtype():
+    from pyengine.train.baseline import label
+
+    assert (label("fp32"), label("bf16"), label("fp16")) == ("DDP", "DDP + AMP (bf16)", "DDP + AMP (fp16)")

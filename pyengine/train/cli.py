@@ -43,6 +43,10 @@ def _positive_float(text):
     return v
 
 
+PRESET_NOTES = {"large": "GPT-2 124M's layers at half its context",
+                "gpt2": "GPT-2 124M's shape"}
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pyengine-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +55,8 @@ def build_parser():
                         "a --resume with more trains the extra steps at the final lr")
     p.add_argument("--model", choices=sorted(PRESETS), default=None,
                    help="model size preset: " + ", ".join(
-                       f"{k} ({v.n_layer} layers x {v.d_model})" for k, v in PRESETS.items()) +
+                       f"{k} ({v.n_layer} layers x {v.d_model}, {v.n_head} heads, {v.seq_len}-byte context"
+                       f"{', ' + PRESET_NOTES[k] if k in PRESET_NOTES else ''})" for k, v in PRESETS.items()) +
                    " (default: small on a CPU, gpt2 on a GPU)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="sequences per rank per micro-batch (default: 16 on a CPU; on a GPU, what fills its memory)")
@@ -82,11 +87,13 @@ def build_parser():
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--baseline", choices=("ddp",), default=None,
-                   help="afterwards, train the same run with torch DDP + AMP for a side-by-side report")
+                   help="also train the same run with torch DDP (+ AMP autocast in bf16/fp16), its steps "
+                        "alternating with the engine's, for a side-by-side report")
     p.add_argument("--trace", action="store_true", help="write a Chrome trace of backward, buckets and optimizer")
     p.add_argument("--nproc", type=_positive_int, default=None,
-                   help="ranks on this machine (default: one per GPU, else 2 CPU ranks)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(auto)")
+                   help="ranks on this machine (default: one per GPU, else 2 CPU ranks); under torchrun, "
+                        "torchrun's world size is used and config.json records it with nproc_per_node and nnodes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto (default): cuda when torch sees a GPU, else cpu")
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between progress updates (10)")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints; 0: only at the end (100)")
     p.add_argument("--eval-batches", type=_positive_int, default=20,
@@ -145,10 +152,15 @@ def resolve(args, parser, argv):
             args.precision = "fp32"  # bf16 matmuls are ~15x slower than fp32 on these CPUs
         else:
             args.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if args.nproc is None:
+    from .worker import in_torchrun
+
+    if in_torchrun():  # the user's torchrun decides: nproc is the whole world, on every node
+        args.nproc = int(os.environ["WORLD_SIZE"])
+    elif args.nproc is None:
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
-    if args.device == "cuda" and args.nproc > torch.cuda.device_count():
-        parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPU(s) visible")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)) if in_torchrun() else args.nproc
+    if args.device == "cuda" and per_node > torch.cuda.device_count():
+        parser.error(f"--nproc {per_node}: only {torch.cuda.device_count()} GPU(s) visible")
     if args.grad_accum is None:
         args.grad_accum = 8 if args.deterministic else 1
     if args.baseline == "ddp":
@@ -227,6 +239,10 @@ def _resolve_resume(args, parser, argv):
         print("pyengine-train: resuming with " + ", ".join(
             f"--{k.replace('_', '-')} {v} (was {saved.get(k)})" for k, v in changed.items()), file=sys.stderr)
     resolved = argparse.Namespace(**{**saved, **changed, "resume": str(run_dir), "out": str(run_dir)})
+    from .worker import in_torchrun
+
+    if in_torchrun():  # the user's torchrun sets the world this time
+        resolved.nproc = int(os.environ["WORLD_SIZE"])
     if "steps" in changed and resolved.steps != resolved.schedule_steps:
         print(f"pyengine-train: {_schedule_note(resolved)}", file=sys.stderr)
     if latest_checkpoint(run_dir) is None:
@@ -354,8 +370,16 @@ def main(argv=None):
     if in_torchrun():  # the user's own torchrun (e.g. several nodes): this process is one rank
         if first and not args.resume:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(vars(args), indent=1))
-        return train(args)
+            world, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            recorded = {**vars(args), "nproc_per_node": per_node, "nnodes": max(1, world // per_node)}
+            (out / "config.json").write_text(json.dumps(recorded, indent=1))
+        from .stop import StopFlag, die_with_parent
+
+        # the parent is torchrun's agent: its death (kill -9, a lost node) stops this rank at
+        # the next step with a checkpoint, as under our own launcher
+        stop = StopFlag()
+        die_with_parent(os.getppid(), stop)
+        return train(args, stop)
     try:
         lock_fd = rundir.lock(out)
     except rundir.RunFolderError as exc:

@@ -11,9 +11,16 @@ def _load(path):
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _finish(fig, ax, path, title, xlabel="step", ylabel=None, legend_loc="best"):
+def _resumes(rows):
+    """The steps a run resumed at (the step before the first row each resume wrote)."""
+    return [r["step"] - 1 for r in rows if r.get("resumed")]
+
+
+def _finish(fig, ax, path, title, xlabel="optimizer step", ylabel=None, legend_loc="best", resumes=()):
     import matplotlib.pyplot as plt
 
+    for i, s in enumerate(resumes):
+        ax.axvline(s, color="purple", ls=":", lw=1, label="resumed" if i == 0 else None)
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
@@ -34,33 +41,54 @@ def write_plots(out, rows, baseline_rows, summary):
     out = Path(out)
     paths = {}
     steps = [r["step"] for r in rows]
+    resumes = _resumes(rows)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in rows], label="train loss (pyengine)", lw=1)
-    if baseline_rows:
-        ax.plot([r["step"] for r in baseline_rows], [r["loss"] for r in baseline_rows], label="train loss (torch DDP)",
-                lw=1, alpha=0.7)
+    base_label = (summary.get("baseline") or {}).get("label", "torch DDP")
+    ax.plot(steps, [r["loss"] for r in rows], label="train loss (pyengine)", lw=1.5)
+    if baseline_rows:  # dashed with markers: the curves may coincide
+        ax.plot([r["step"] for r in baseline_rows], [r["loss"] for r in baseline_rows],
+                label=f"train loss ({base_label})", lw=1, ls="--", marker="x", markevery=max(1, len(baseline_rows) // 20),
+                alpha=0.8)
     if summary.get("val_loss") is not None and steps:
         ax.scatter([steps[-1]], [summary["val_loss"]], color="red", zorder=3, label="held-out loss")
     ax.axhline(summary["uniform_loss"], color="gray", ls="--", lw=1, label="uniform guess (ln 256)")
-    paths["loss"] = _finish(fig, ax, out / "loss.png", "Loss", ylabel="nats per byte")
+    paths["loss"] = _finish(fig, ax, out / "loss.png", "Loss", ylabel="loss (nats per byte)", resumes=resumes)
+
+    if summary.get("precision") == "fp16":  # bf16 and fp32 use no loss scale
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(steps, [r["loss_scale"] for r in rows], lw=1, label="loss scale")
+        skipped = [r["step"] for r in rows if r["skipped"]]
+        if skipped:
+            ax.scatter(skipped, [next(x["loss_scale"] for x in rows if x["step"] == s) for s in skipped], color="red",
+                       marker="x", label=f"skipped steps ({len(skipped)})", zorder=3)
+        ax.set_yscale("log", base=2)
+        paths["loss_scale"] = _finish(fig, ax, out / "loss_scale.png", "Loss scale (fp16)",
+                                      ylabel="loss scale (multiplier, log2 axis)", resumes=resumes)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(steps, [r["loss_scale"] for r in rows], lw=1, label="loss scale")
-    skipped = [r["step"] for r in rows if r["skipped"]]
-    if skipped:
-        ax.scatter(skipped, [next(x["loss_scale"] for x in rows if x["step"] == s) for s in skipped], color="red",
-                   marker="x", label=f"skipped steps ({len(skipped)})", zorder=3)
-    ax.set_yscale("log", base=2)
-    paths["loss_scale"] = _finish(fig, ax, out / "loss_scale.png", "Loss scale (fp16 only; 1 otherwise)")
+    ax.plot(steps, [r["lr"] for r in rows], lw=1, label="learning rate (group 0)")
+    paths["lr"] = _finish(fig, ax, out / "lr.png", "Learning rate", ylabel="learning rate (per step)",
+                          resumes=resumes)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r["grad_norm"] for r in rows], lw=1, label="global gradient norm (before clipping)")
+    if summary.get("clip"):
+        ax.axhline(summary["clip"], color="gray", ls="--", lw=1, label=f"clip at {summary['clip']:g}")
+    paths["grad_norm"] = _finish(fig, ax, out / "grad_norm.png", "Gradient norm", ylabel="L2 norm (unscaled)",
+                                 resumes=resumes)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     fb = [1e3 * r["fwd_bwd_s"] for r in rows]
     ex = [1e3 * r["exposed_comm_s"] for r in rows]
     op = [1e3 * r["optimizer_s"] for r in rows]
-    ax.stackplot(steps, fb, ex, op, labels=["forward + backward", "exposed comm", "optimizer"])
-    paths["time"] = _finish(fig, ax, out / "step_time.png", "Step time breakdown (rank 0)", ylabel="ms",
-                            legend_loc="upper right")
+    ax.stackplot(steps, fb, ex, op, labels=["pyengine: forward + backward", "pyengine: exposed comm",
+                                            "pyengine: optimizer"])
+    if baseline_rows:
+        ax.plot([r["step"] for r in baseline_rows], [1e3 * r["step_s"] for r in baseline_rows], color="black",
+                lw=1, ls="--", label=f"{base_label}: whole step")
+    paths["time"] = _finish(fig, ax, out / "step_time.png", "Step time (rank 0)", ylabel="time per step (ms)",
+                            legend_loc="upper right", resumes=resumes)
     return paths
 
 
@@ -69,7 +97,7 @@ def write_report(out, args, summary):
     rows = _load(out / "metrics.jsonl")
     base = summary.get("baseline") or {}
     base_rows = _load(out / "baseline_ddp.jsonl") if base else []
-    write_plots(out, rows, base_rows, summary)
+    paths = write_plots(out, rows, base_rows, {**summary, "precision": args.get("precision"), "clip": args.get("clip")})
     tail = rows[len(rows) // 10:] or rows  # skip warm-up in throughput figures
     med = lambda k: statistics.median(r[k] for r in tail) if tail else float("nan")
     tok_s = statistics.median(r["tokens_per_s"] for r in tail) if tail else float("nan")
@@ -83,6 +111,9 @@ def write_report(out, args, summary):
         f"Model **{args['model']}**, {summary['params'] / 1e6:.2f}M parameters; {summary['world_size']} rank(s) on "
         f"{args['device']}; precision {args['precision']}; {summary['steps_done']} of {args['steps']} steps"
         + (" (interrupted)" if summary["interrupted"] else "") + ".", "",
+        _wall_line(summary), "",
+        _data_line(summary.get("data")), "",
+        *[f"Resumed at step {s}." for s in _resumes(rows)], "",
         "## Result", "",
         "| | nats per byte |", "| --- | --- |",
         f"| final train loss (last step) | {rows[-1]['loss']:.3f} |" if rows else "| final train loss | - |",
@@ -103,12 +134,15 @@ def write_report(out, args, summary):
         "",
         f"Skipped steps (non-finite gradients): {summary['skipped_steps']}; final loss scale {summary['loss_scale']:g}.",
         "",
-        "## Plots", "", "![loss](loss.png)", "", "![loss scale](loss_scale.png)", "", "![step time](step_time.png)", "",
+        "## Plots", "",
+        *[f"![{name.replace('_', ' ')}]({Path(p).name})\n" for name, p in paths.items()],
     ]
     if base:
         lines += [
-            "## Side by side: torch DDP + AMP", "",
-            "| | pyengine | torch DDP |", "| --- | --- | --- |",
+            f"## Side by side: torch {base.get('label', 'DDP')}", "",
+            ("Steps alternated with the engine's (engine step, DDP step, ...), so both ran under the same load."
+             if base.get("interleaved") else "Trained after the engine's run (a resumed run), from step 0."), "",
+            f"| | pyengine | torch {base.get('label', 'DDP')} |", "| --- | --- | --- |",
             f"| tokens/s | {tok_s:,.0f} | {base['tokens_per_s']:,.0f} |",
             f"| step ms (median) | {1e3 * step_s:.1f} | {1e3 * base['step_s']:.1f} |",
             f"| final train loss | {rows[-1]['loss']:.3f} | {base['final_loss']:.3f} |" if rows else "",
@@ -120,3 +154,19 @@ def write_report(out, args, summary):
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _wall_line(summary) -> str:
+    if "wall_s" not in summary:
+        return ""
+    line = f"Wall time: {summary['wall_s']:.1f} s"
+    if summary.get("wall_s_total", summary["wall_s"]) > summary["wall_s"] + 0.05:
+        line += f" this time, {summary['wall_s_total']:.1f} s over the run's invocations"
+    return line + "."
+
+
+def _data_line(data) -> str:
+    if not data:
+        return ""
+    return (f"Data: {data['source']}, {data['files']} file(s), {data['corpus_bytes']:,} bytes; "
+            f"{data['bytes_used']:,} bytes used (--max-data-mb {data['max_data_mb']:g}).")

@@ -8,7 +8,9 @@ repeats within `grace_s` count as one request. A later one aborts at once.
 
 A rank also stops like this when its launcher dies (SIGTERM from the kernel's parent-death
 signal, or its own watchdog on the launcher's pid), and exits for good if it has not stopped
-`deadline_s` later, so no rank outlives its launcher for long.
+`deadline_s` later, so no rank outlives its launcher for long. The launcher is our own
+(launch.py, its pid in the environment) or, under the user's torchrun, torchrun's agent (the
+rank's parent when it starts): the same watch serves both.
 """
 import ctypes
 import os

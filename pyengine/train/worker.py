@@ -79,6 +79,7 @@ def train(args, stop=None):
     """Returns 0 when the run reached args.steps, 130 when it stopped early on request."""
     from .stop import StopFlag
 
+    t_start = time.time()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -146,6 +147,7 @@ def train(args, stop=None):
                  device.type, args.precision, tokens_per_step)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     log_ = _MetricsLog(metrics, pbar, tokens_per_step)
+    log_.mark_resumed = start > 0  # the first row written says the run resumed there
     comm_prev = engine.stats()
     step = start
     interrupted = False
@@ -155,6 +157,13 @@ def train(args, stop=None):
         checkpoints.save(engine, out, at, args.keep_checkpoints, extra={"world_size": world})
 
     graph = _StepGraph(model, engine) if getattr(args, "cuda_graph", False) else None
+    # --baseline ddp on a fresh run: its steps alternate with the engine's (baseline.py)
+    base = None
+    if args.baseline == "ddp" and start == 0:
+        from .baseline import DDPBaseline
+
+        base = DDPBaseline(args, data, device, rank, world)
+        log_.baseline_label = base.label
     try:
         while step < args.steps:
             t0 = time.perf_counter()
@@ -189,6 +198,8 @@ def train(args, stop=None):
                 exposed = st["exposed_comm_s"] - comm_prev["exposed_comm_s"]
                 comm_prev = st
             _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed)
+            if base is not None:
+                log_.baseline_step_s = base.step(step)["step_s"]
             step += 1
             if device.type == "cuda" and (step % args.log_every == 0 or step == args.steps):
                 comm_prev = log_.spread_exposed(engine.stats(), comm_prev)
@@ -217,13 +228,19 @@ def train(args, stop=None):
                "flops_per_token": flops_per_token(n_params, PRESETS[args.model], args.seq_len),
                "peak_tflops_per_device": peak_tflops(device), "device_name": _device_name(device),
                "skipped_steps": engine.skipped_steps, "loss_scale": engine.loss_scale, "comm": engine.stats(),
-               "trace": trace}
-    if args.baseline == "ddp" and not interrupted:
+               "trace": trace, "data": describe_data(args, data, world)}
+    if base is not None:
+        if not interrupted:
+            summary["baseline"] = base.finish(out)
+        elif base.own_group:
+            dist.destroy_process_group()
+    elif args.baseline == "ddp" and not interrupted:  # resumed: the baseline runs afterwards, from step 0
         from .baseline import run_ddp_baseline
 
         summary["baseline"] = run_ddp_baseline(args, data, device, out, rank, world)
     if rank == 0:
         summary["sample"] = sample_text(model, data, device)
+        summary.update(wall_times(out, t_start, bool(args.resume)))
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         from .report import write_report
 
@@ -239,6 +256,33 @@ def train(args, stop=None):
     return 130 if interrupted else 0
 
 
+def describe_data(args, data, world) -> dict:
+    """Where the text came from and how much of it: summary.json's and the report's."""
+    from .data import StepData, corpus_files
+
+    files = corpus_files(args.data)
+    if isinstance(data, StepData):
+        used = data.corpus.size  # every rank reads from the same bytes
+    else:
+        used = (data.train.numel() + data.val.numel()) * world  # about: the shards are equal to a byte
+    return {"source": str(Path(args.data).resolve()) if args.data else "Python standard library (default)",
+            "files": len(files), "corpus_bytes": sum(f.stat().st_size for f in files), "bytes_used": used,
+            "max_data_mb": args.max_data_mb}
+
+
+def wall_times(out, t_start, resumed) -> dict:
+    """This invocation's wall time, and the run's over all its invocations (the earlier ones'
+    from the summary.json they left; an invocation that crashed left none)."""
+    now = time.time()
+    earlier = 0.0
+    if resumed:
+        try:
+            earlier = float(json.loads((out / "summary.json").read_text()).get("wall_s_total", 0.0))
+        except (OSError, ValueError):
+            pass
+    return {"wall_s": now - t_start, "wall_s_total": earlier + now - t_start}
+
+
 def step_loss(losses):
     """--deterministic: the step's loss as reported, the mean of all G micro-batch losses
     (this rank's `losses` are its share, in order), gathered in global order and folded in a
@@ -250,7 +294,7 @@ def step_loss(losses):
 def _record(log_, engine, loss, result, step, lr, t0, t1, t2, exposed):
     log_.add(torch.stack([loss.reshape(()), engine.scaler.scale_tensor.reshape(()), result.flag.reshape(()),
                           engine.grad_norm_tensor.reshape(())]),
-             {"step": step + 1, "lr": lr, "fwd_bwd_s": t1 - t0,
+             {"step": step + 1, "time": time.time(), "lr": lr, "fwd_bwd_s": t1 - t0,
               "exposed_comm_s": exposed, "optimizer_s": max(0.0, t2 - t1 - exposed), "step_s": t2 - t0})
 
 
@@ -311,6 +355,8 @@ class _MetricsLog:
     def __init__(self, file, pbar, tokens_per_step):
         self.file, self.pbar, self.tokens_per_step = file, pbar, tokens_per_step
         self.pending = []  # per step: device tensor [loss, loss_scale, skipped, grad_norm] + host timings
+        self.baseline_label, self.baseline_step_s = None, None  # --baseline ddp, interleaved
+        self.mark_resumed = False
         self.t_window = time.perf_counter()
 
     def add(self, values, info):
@@ -335,10 +381,18 @@ class _MetricsLog:
             for (loss, scale, skipped, norm), (_, info) in zip(values, self.pending):
                 rec = {**info, "loss": loss, "loss_scale": scale, "skipped": bool(skipped), "grad_norm": norm,
                        "tokens_per_s": self.tokens_per_step / max(info["step_s"], 1e-9)}
+                if self.mark_resumed:
+                    rec["resumed"], self.mark_resumed = True, False
                 self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
         if self.pbar is not None:
             self.pbar.update(len(self.pending))
+            if self.baseline_step_s is not None:  # the window's wall time holds the DDP steps too
+                elapsed = sum(info["step_s"] for _, info in self.pending)
             tps = self.tokens_per_step * len(self.pending) / max(elapsed, 1e-9)
-            self.pbar.set_postfix(loss=f"{values[-1][0]:.3f}", tok_s=f"{tps:,.0f}", scale=f"{values[-1][1]:g}")
+            post = {"loss": f"{values[-1][0]:.3f}", "tok_s": f"{tps:,.0f}", "scale": f"{values[-1][1]:g}"}
+            if self.baseline_step_s is not None:
+                post["step_ms"] = f"{1e3 * self.pending[-1][1]['step_s']:.0f}"
+                post[self.baseline_label + " ms"] = f"{1e3 * self.baseline_step_s:.0f}"
+            self.pbar.set_postfix(post)
         self.pending, self.t_window = [], time.perf_counter()
