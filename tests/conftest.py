@@ -24,6 +24,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def restored_environment():
+    """Each test starts with the environment the session had: Lightning and Accelerate write
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* into os.environ, which would make a later test in
+    the same worker look launched by torchrun."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def fixed_seed(request):
     """A seed fixed per test (derived from its id), printed; PYENGINE_TEST_SEED overrides it
     to replay or explore other data."""
