@@ -10,8 +10,12 @@ Note: on the CPU (gloo) the collective runs on gloo's threads and `after` runs i
 future, so the host thread goes on with backward; the step waits for the futures. On CUDA
 everything is queued on a communication stream that first waits for what the compute stream
 has produced so far; the compute stream later waits on each bucket's event, so the host
-never waits. Timings: host clocks on the CPU, CUDA events on the GPU, read (a sync) only
-when stats() is asked for.
+never waits. Timings: host clocks on the CPU, CUDA events on the GPU (EventWindows).
+
+Note [abandon]: a failed backward abandons the buckets it launched, and the retried backward
+writes the same gradient buffer. So abandon() first orders every launched collective before
+what comes next: on the CPU it waits for their futures; on CUDA the compute stream waits for
+the communication stream (no host sync). Only then may the gradients be cleared or written.
 """
 import time
 from typing import Callable, List, Optional
@@ -85,7 +89,14 @@ class CpuOverlap:
         return list(self._gathers)
 
     def abandon(self):
-        self._pending = []
+        """Forgets this window's buckets once nothing launched can still write (Note [abandon])."""
+        pending, self._pending = self._pending, []
+        for _, _, _, work, fut in pending:
+            for handle in (work, fut):
+                try:
+                    handle.wait()
+                except Exception:  # noqa: BLE001  the backward's own error is the one raised
+                    pass
 
     def fold_timing(self):
         """Host timings are folded as they come."""
@@ -96,7 +107,7 @@ class CudaOverlap:
         self.comm, self.tracer, self.stats, self.device = comm, tracer, stats, device
         self.stream = torch.cuda.Stream(device)
         self._spans: List[tuple] = []  # (bucket, start event, end event) of this window
-        self._windows: List[tuple] = []  # (mark event, spans) not yet folded into stats
+        self._windows = EventWindows(stats)
         self._gathers: dict = {}
 
     def launch(self, w: BucketWork):
@@ -125,7 +136,7 @@ class CudaOverlap:
         mark.record(compute)  # where the optimizer would start without communication
         for _, _, end in self._spans:
             compute.wait_event(end)
-        self._windows.append((mark, self._spans))
+        self._windows.add(mark, self._spans)
         self._spans = []
         self.stats.windows += 1
 
@@ -147,14 +158,67 @@ class CudaOverlap:
         return list(self._gathers)
 
     def abandon(self):
+        """Forgets this window's buckets; the compute stream first waits for every collective
+        queued on the communication stream (Note [abandon])."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self._spans = []
 
     def fold_timing(self):
-        """Turns the recorded events into comm / exposed times (waits for them: a sync)."""
-        for mark, spans in self._windows:
-            for _, start, end in spans:
-                end.synchronize()
-                self.stats.comm_s += start.elapsed_time(end) / 1e3
-            late = max((mark.elapsed_time(end) for _, _, end in spans), default=0.0)
-            self.stats.exposed_s += max(0.0, late) / 1e3
-        self._windows = []
+        """Folds every recorded window into comm / exposed times (waits for them: a sync)."""
+        self._windows.fold_all()
+
+
+# at most this many windows' events wait to be folded (Note [bounded events])
+MAX_UNFOLDED_WINDOWS = 4
+
+
+class EventWindows:
+    """The CUDA timing events of the windows not yet folded into stats: a mark on the compute
+    stream where the optimizer would start without communication, and each bucket's (start,
+    end) on the communication stream.
+
+    Note [bounded events]: a window leaves 1 + 2 x buckets events. Folding them only when
+    stats() is asked for grew the list without bound in a long run. Each new window folds the
+    finished ones at the front (event queries, no sync): the streams run in order, so a window
+    whose mark and last end have completed is done. When the host runs more than
+    MAX_UNFOLDED_WINDOWS windows ahead of the device, the oldest is waited for: the host is
+    then held at most that many steps ahead, which CUDA's launch queue bounds anyway.
+    """
+
+    def __init__(self, stats, limit: int = MAX_UNFOLDED_WINDOWS):
+        self.stats, self.limit = stats, limit
+        self._windows: List[tuple] = []  # (mark event, [(bucket, start, end), ...]), oldest first
+
+    def __len__(self):
+        return len(self._windows)
+
+    def events(self) -> int:
+        """Events held now (bounded by limit x (1 + 2 x buckets))."""
+        return sum(1 + 2 * len(spans) for _, spans in self._windows)
+
+    def add(self, mark, spans):
+        self._windows.append((mark, spans))
+        while self._windows and self._done(self._windows[0]):
+            self._fold(self._windows.pop(0))
+        while len(self._windows) > self.limit:
+            self._fold(self._windows.pop(0), wait=True)
+
+    def fold_all(self):
+        while self._windows:
+            self._fold(self._windows.pop(0), wait=True)
+
+    @staticmethod
+    def _done(window) -> bool:
+        mark, spans = window
+        return mark.query() and (not spans or spans[-1][2].query())
+
+    def _fold(self, window, wait=False):
+        mark, spans = window
+        if wait:
+            mark.synchronize()
+            if spans:
+                spans[-1][2].synchronize()
+        for _, start, end in spans:
+            self.stats.comm_s += start.elapsed_time(end) / 1e3
+        late = max((mark.elapsed_time(end) for _, _, end in spans), default=0.0)
+        self.stats.exposed_s += max(0.0, late) / 1e3
