@@ -267,6 +267,14 @@ class GradGuard:
         if to_none:
             w.forget(indices)
 
+    def discard(self):
+        """A backward failed part-way: everything the window accumulated is dropped, as the
+        window restarts at its first micro-batch (Window.abort_backward). Otherwise a caught
+        error (an out-of-memory batch skipped) left its partial gradients to the next step."""
+        with torch.no_grad():
+            self.flat.grad_flat.zero_()
+            self._clear_partials(self.handles)
+
     def _clear_partials(self, indices):
         if self.tree is not None:
             slots = self.flat.layout.slots

@@ -113,9 +113,10 @@ class StepPipeline:
             scaled.backward()
         except BaseException:
             if reducer is not None:
-                reducer.abort()
+                reducer.abort()  # first: nothing it launched may still write the buffers
             w.abort_backward()
             p.guard.after_backward()
+            p.guard.discard()  # the window starts again, without what it had accumulated
             raise
         p.guard.after_backward()
         communicating = reducer is not None and last

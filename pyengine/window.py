@@ -52,7 +52,8 @@ class Window:
         self.in_flight = communicating
 
     def abort_backward(self):
-        """A backward failed part-way: its gradients are partial, the window starts again."""
+        """A backward failed part-way: its gradients are partial, the window starts again
+        (the pipeline clears what it had accumulated: GradGuard.discard)."""
         self.in_backward = False
         self.reset()
 
