@@ -5,9 +5,11 @@ running them.
 Note: nothing in the step reads the device from the host, queries an event or allocates
 through the engine (tests/test_capture_ready.py checks that the boundary step dispatches no
 torch op at all), so torch.cuda.graph can capture it. What Python would do on each step is
-done here around the replay instead: the hyper-parameters an LR scheduler changed are
-written to the device before it (the captured optimizer reads them there), and the lagged
-skip check reads its pinned host copy. The flag, the loss scale, the step counts and the
+done here around the replay instead (StepPipeline.before_boundary): the hyper-parameters an
+LR scheduler changed are written to the device before it (the captured optimizer reads them
+there), the lagged skip check reads its pinned host copy, parameters written in place
+(model.load_state_dict) are copied into the fp32 master weights, and the previous result
+freezes its flag before the replay overwrites the live one. The flag, the loss scale, the step counts and the
 boundary count all live on the device, so replays count and skip exactly as eager steps do.
 """
 import torch
@@ -47,8 +49,10 @@ class StepGraph:
     def replay(self) -> StepResult:
         """One training step on whatever the static inputs hold now."""
         e = self.engine
-        e.plan.sync_hyper(torch.cuda.current_stream(e.device).cuda_stream)
-        e._pipeline.check_skip_run()
+        pipeline = e._pipeline
+        pipeline.before_boundary()
+        e.plan.sync_hyper(e.plan.stream())
         self.graph.replay()
+        e.optimizer.notify_step()  # LR schedulers count optimizer.step() calls
         e.window.boundaries += 1
-        return StepResult(True, e.scalars.found_inf)
+        return pipeline.new_result()

@@ -153,16 +153,9 @@ class StepPipeline:
         p, w = self.parts, self.window
         tracing = p.tracer.enabled
         t0 = time.perf_counter() if tracing else 0.0
-        self.check_skip_run()
-        if p.outsiders:
-            self._check_outsiders()
-        if p.guard.before_step(check_placement=w.boundaries % _PLACEMENT_CHECK_EVERY == 0):
-            p.flat.refresh_master()  # the parameters were written in place
+        self.before_boundary()
         skipped = self._skipped() if self._may_skip() else ()
         w.end_micro_step()
-        last = self._last_result() if self._last_result is not None else None
-        if last is not None:
-            last.freeze()
         plan, reducer = p.plan, p.reducer
         stream = plan.stream()
         # 1. communication done: every bucket allreduced and checked, its (sumsq, found_inf) row written
@@ -183,17 +176,37 @@ class StepPipeline:
             p.tracer.span("optimizer", t_opt, time.perf_counter(), step=w.boundaries + 1)
         # 6. gradients cleared where the optimizer pass read another buffer
         plan.zero_grads(stream)
-        result = StepResult(True, p.scalars.found_inf)
+        result = self.new_result()
         order = reducer.take_rebuild_order() if reducer is not None else None
         if p.flat.sharded:
             # each rank's updated slices to every rank; a relayout needs them all at once
             reducer.gather_params(wait=order is not None)
-        self._last_result = weakref.ref(result)
         w.end_boundary()
         if order is not None:
             self._relayout(order)
         if tracing:
             p.tracer.span("step", t0, time.perf_counter(), step=w.boundaries)
+        return result
+
+    def before_boundary(self):
+        """The host's part of a boundary step before its device work, also run before each
+        replay of a captured step (graph.py): the skip-run and outsider checks, the fp32
+        master weights refreshed from parameters written in place (model.load_state_dict),
+        and the last result's flag frozen before this step overwrites the live one."""
+        p, w = self.parts, self.window
+        self.check_skip_run()
+        if p.outsiders:
+            self._check_outsiders()
+        if p.guard.before_step(check_placement=w.boundaries % _PLACEMENT_CHECK_EVERY == 0):
+            p.flat.refresh_master()  # the parameters were written in place
+        last = self._last_result() if self._last_result is not None else None
+        if last is not None:
+            last.freeze()
+
+    def new_result(self) -> StepResult:
+        """This boundary step's result, watching the live flag until the next one freezes it."""
+        result = StepResult(True, self.parts.scalars.found_inf)
+        self._last_result = weakref.ref(result)
         return result
 
     def _frozen(self) -> list:

@@ -25,6 +25,8 @@ def _graph_vs_eager(rank, world, precision):
     data = [(torch.randn(8, 32, generator=g), torch.randn(8, 32, generator=g)) for _ in range(12)]
     poison = [float("inf") if k == 5 else 1.0 for k in range(12)]  # step 5 overflows
     cfg = dict(precision=precision, lr=1e-2, clip_grad_norm=1.0, initial_loss_scale=2.0**10, hysteresis=1)
+    torch.manual_seed(7)
+    loaded = {k: torch.randn_like(v) * 0.1 for k, v in _toy().state_dict().items()}
     runs = []
     for mode in ("eager", "graph"):
         m = _toy()
@@ -46,20 +48,24 @@ def _graph_vs_eager(rank, world, precision):
                 e.step()
         else:
             graph = e.capture(step_fn, warmup=3)
-        trace = []
+        trace, results = [], []
         for k in range(12):
             x.copy_(data[k][0])
             y.copy_(data[k][1])
             scale_in.fill_(poison[k])
+            if k == 8:  # weights written in place between steps reach the fp32 master weights
+                m.load_state_dict(loaded)
             if mode == "eager":
                 step_fn()
                 result = e.step()
             else:
                 result = graph.replay()
             sched.step()
+            results.append(result)
             trace.append((bool(result), e.loss_scale))
         torch.cuda.synchronize()
-        runs.append({"master": e.flat.master_flat.cpu(), "trace": trace, "skipped": e.skipped_steps,
+        late = [bool(r) for r in results]  # each result keeps its own step's flag
+        runs.append({"master": e.flat.master_flat.cpu(), "trace": trace, "late": late, "skipped": e.skipped_steps,
                      "global": e.global_step, "boundaries": e.boundary_steps})
     return runs
 
@@ -70,6 +76,7 @@ def test_replay_equals_eager_bitwise(precision):
     assert torch.equal(graph["master"], eager["master"])
     assert graph["trace"] == eager["trace"]
     assert graph["trace"][5][0] is False, "the injected overflow is skipped in the graph too"
+    assert graph["late"] == [t[0] for t in graph["trace"]], "a replay's result read a later step's flag"
     assert (graph["skipped"], graph["global"], graph["boundaries"]) == (eager["skipped"], eager["global"], 15)
 
 
