@@ -5,6 +5,7 @@ import os
 
 from . import checkpoint
 from .build import build, claim, release
+from .devices import cuda_index, on_engine_device
 from .module_guard import ModuleGuard
 from .optim import refuse_foreign_optimizers
 from .state_views import StateViews
@@ -27,16 +28,23 @@ class Engine:
     """
 
     def __init__(self, model, config=None, param_groups=None):
+        self._cuda_index = cuda_index(model)  # the device the core's launches need current
+        self._build(model, config, param_groups)
+
+    @on_engine_device
+    def _build(self, model, config, param_groups):
         parts = self._parts = build(model, config, param_groups)
         claim(parts, self)
         refuse_foreign_optimizers()
         self._pipeline = StepPipeline(parts)
         self._views = StateViews(model, parts.params)
         self._moves = ModuleGuard(model)
+        device = parts.flat.device
+        self._cuda_index = device.index if device.type == "cuda" else None
 
     def __getattr__(self, name):
         # the parts (config, model, params, names, flat, plan, optimizer, reducer, ...), read-only
-        if name.startswith("__") or name in ("_parts", "_pipeline"):
+        if name.startswith("__") or name in ("_parts", "_pipeline", "_cuda_index"):
             raise AttributeError(name)
         try:
             return getattr(self._parts, name)
@@ -53,16 +61,19 @@ class Engine:
         return self._parts.stats
 
     # -- the training step -------------------------------------------------------------------
+    @on_engine_device
     def backward(self, loss):
         """loss x loss_scale / grad_accum_steps -> autograd. Once per micro-batch."""
         self._pipeline.backward(loss)
 
+    @on_engine_device
     def step(self) -> StepResult:
         """Call once per micro-batch. At the accumulation boundary: non-finite check, global
         norm, clipping, the fused optimizer passes, loss-scale update, grads zeroed.
         Returns a StepResult, truthy when the parameters were updated."""
         return self._pipeline.step()
 
+    @on_engine_device
     def capture(self, step_fn, warmup=3):
         """A StepGraph of step_fn (forward on static inputs + engine.backward) and step():
         see pyengine/graph.py. CUDA, one process, grad_accum_steps=1."""
@@ -120,6 +131,7 @@ class Engine:
         d["total"] = sum(d.values())
         return d
 
+    @on_engine_device
     def stats(self) -> dict:
         """Communication time, exposed communication time and overlap fraction so far.
         On CUDA this reads the recorded events (a sync)."""
@@ -128,6 +140,7 @@ class Engine:
         return self._parts.stats.as_dict()
 
     # -- checkpoints (checkpoint.py) ---------------------------------------------------------------
+    @on_engine_device
     def wait_for_params(self):
         """ZeRO-1 with overlap_param_gather: waits for the all-gather of the updated parameters.
         Call it before reading parameters outside the model's forward between step() and the
@@ -135,14 +148,17 @@ class Engine:
         if self._parts.flat.sharded:
             self._parts.reducer.wait_params()
 
+    @on_engine_device
     def state_dict(self) -> dict:
         self.wait_for_params()
         return checkpoint.state_dict(self._parts)
 
+    @on_engine_device
     def load_state_dict(self, sd: dict):
         self.wait_for_params()
         self._pipeline.after_load(checkpoint.load_state_dict(self._parts, sd))
 
+    @on_engine_device
     def save(self, path, extra=None) -> str:
         """Writes a checkpoint folder (see checkpoint.py): every rank calls it, each writes its
         own shard, nothing is gathered; atomic and checksummed. `extra` (a dict) comes back
@@ -150,6 +166,7 @@ class Engine:
         self.wait_for_params()
         return checkpoint.save(self._parts, path, extra)
 
+    @on_engine_device
     def load(self, path):
         """Loads a checkpoint folder saved at any world size and ZeRO stage; returns its `extra`."""
         self.wait_for_params()  # an all-gather in flight would land on the loaded weights
@@ -157,6 +174,7 @@ class Engine:
         self._pipeline.after_load(boundaries)
         return extra
 
+    @on_engine_device
     def close(self):
         """Writes the trace (if any), removes the engine's hooks and releases the model."""
         self.wait_for_params()

@@ -14,6 +14,7 @@ boundary count all live on the device, so replays count and skip exactly as eage
 """
 import torch
 
+from .devices import on_engine_device
 from .step import StepResult
 
 
@@ -46,6 +47,11 @@ class StepGraph:
             self.outputs = step_fn()
             engine.step()
 
+    @property
+    def _cuda_index(self):
+        return self.engine._cuda_index
+
+    @on_engine_device
     def replay(self) -> StepResult:
         """One training step on whatever the static inputs hold now."""
         e = self.engine

@@ -144,3 +144,57 @@ def test_zero1_on_two_gloo_ranks_on_one_gpu_is_bitwise_zero0(precision, overlap)
     assert torch.equal(z1[0]["params"], z0[0]["params"])
     for a, b in zip(z1[0]["norms"], z0[0]["norms"]):
         assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_model_on_the_second_gpu_trains_with_the_first_current(precision):
+    """The core launches on the current device into the engine's stream: every public entry
+    point makes the engine's device current (devices.on_engine_device) and restores the
+    caller's; the run equals the same run with cuda:1 current, bitwise."""
+    runs = []
+    for current in (1, 0):
+        torch.cuda.set_device(current)
+        model, e = make("cuda:1", precision)
+        x = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1)).to("cuda:1")
+        for _ in range(6):
+            e.backward(model(x, x))
+            e.step()
+        assert torch.cuda.current_device() == current
+        torch.cuda.synchronize(1)
+        runs.append(e.flat.master_flat.cpu())
+    torch.cuda.set_device(0)
+    assert torch.equal(runs[0], runs[1])
+
+
+def _thousand_steps_rank(rank, world, zero_stage):
+    from pyengine.ddp.overlap import MAX_UNFOLDED_WINDOWS
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)]).cuda()
+    e = Engine(model, EngineConfig(precision="bf16", zero_stage=zero_stage, bucket_mb=0.01, first_bucket_mb=0.01))
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    events, memory = [], []
+    for k in range(1000):
+        e.backward(model(x).float().pow(2).mean())
+        e.step()
+        if k % 100 == 99:
+            events.append(e.reducer.overlap._windows.events())
+            memory.append(torch.cuda.memory_allocated())
+    buckets = len(e.reducer.buckets)
+    stats = e.stats()
+    return {"events": events, "memory": memory, "limit": MAX_UNFOLDED_WINDOWS * (1 + 2 * buckets),
+            "windows": stats.get("windows"), "buckets": buckets}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_a_thousand_data_parallel_steps_hold_flat_events_and_memory(zero_stage):
+    """Two gloo ranks sharing the GPU: the timing events held stay under the bound and the
+    allocated memory is the same at step 200 as at step 1,000."""
+    from dist_util import ok, run_ranks
+
+    for r in ok(run_ranks(_thousand_steps_rank, 2, zero_stage), 2):
+        assert r["buckets"] > 1
+        assert max(r["events"]) <= r["limit"], r["events"]
+        assert r["memory"][1:] == [r["memory"][1]] * (len(r["memory"]) - 1), r["memory"]

@@ -44,17 +44,17 @@ def batch(window, micro, rank=0, world=1):
     return x.chunk(world)[rank], y.chunk(world)[rank]
 
 
-def train(cfg, windows, fail=None, rank=0, world=1):
+def train(cfg, windows, fail=None, rank=0, world=1, device="cpu"):
     """Runs the given windows; `fail` = (window, micro) whose backward raises (caught, and the
     rest of that window skipped, as a loop that skips a bad batch does)."""
     torch.manual_seed(0)
-    model = Net()
+    model = Net().to(device)
     engine = Engine(model, cfg)
     dt = engine.flat.param_dtype
     for w in windows:
         for m in range(cfg.grad_accum_steps):
             x, y = batch(w, m, rank, world)
-            loss = torch.nn.functional.mse_loss(model(x.to(dt)), y.to(dt))
+            loss = torch.nn.functional.mse_loss(model(x.to(device, dt)), y.to(device, dt))
             FailWhenArmed.armed = (w, m) == fail
             try:
                 engine.backward(loss)
@@ -64,7 +64,7 @@ def train(cfg, windows, fail=None, rank=0, world=1):
             finally:
                 FailWhenArmed.armed = False
             engine.step()
-    out = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    out = torch.cat([p.detach().float().flatten() for p in model.parameters()]).cpu()
     return out, engine.global_step
 
 
@@ -90,10 +90,10 @@ def test_the_old_behaviour_would_differ():
     assert not torch.equal(kept, want)
 
 
-def failing_rank(rank, world, cfg_kwargs):
+def failing_rank(rank, world, cfg_kwargs, device="cpu"):
     cfg = EngineConfig(lr=1e-2, bucket_mb=0.002, first_bucket_mb=0.002, **cfg_kwargs)
-    got, _ = train(cfg, range(4), fail=(1, cfg.grad_accum_steps - 1), rank=rank, world=world)
-    want, _ = train(cfg, [0, 2, 3], rank=rank, world=world)
+    got, _ = train(cfg, range(4), fail=(1, cfg.grad_accum_steps - 1), rank=rank, world=world, device=device)
+    want, _ = train(cfg, [0, 2, 3], rank=rank, world=world, device=device)
     return got, want
 
 
@@ -105,4 +105,23 @@ def test_a_failed_boundary_backward_under_data_parallel(cfg_kwargs):
     launched: those collectives finish before the gradients are cleared, and the run goes on
     as if the window had never been."""
     for got, want in ok(run_ranks(failing_rank, 2, cfg_kwargs), 2):
+        assert torch.equal(got, want), f"max difference {(got - want).abs().max().item():g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c["precision"])
+def test_a_failed_backward_leaves_nothing_behind_cuda(case):
+    cfg = EngineConfig(lr=1e-2, clip_grad_norm=0.5, grad_accum_steps=2, **case)
+    got, _ = train(cfg, range(4), fail=(1, 1), device="cuda")
+    want, _ = train(cfg, [0, 2, 3], device="cuda")
+    assert torch.equal(got, want), f"max difference {(got - want).abs().max().item():g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg_kwargs", [dict(precision="bf16"), dict(precision="bf16", zero_stage=1)],
+                         ids=["bf16", "bf16-zero1"])
+def test_a_failed_boundary_backward_on_two_gloo_ranks_sharing_a_gpu(cfg_kwargs):
+    """On CUDA the abandoned buckets' collectives sit on the communication stream: the compute
+    stream waits for them before the gradients are cleared (overlap.py, Note [abandon])."""
+    for got, want in ok(run_ranks(failing_rank, 2, cfg_kwargs, "cuda"), 2):
         assert torch.equal(got, want), f"max difference {(got - want).abs().max().item():g}"
