@@ -168,7 +168,8 @@ def make_plan(parts) -> StepPlan:
                     zero_in_pass=opt_grads is flat.grad_flat, max_norm=parts.config.clip_grad_norm,
                     main_grads=flat.main_grads, bucket_rows=r.bucket_stats if r is not None else None,
                     combine=r.combine_scalars if flat.sharded and parts.norm is None else None,
-                    norm=parts.norm, whole_norm=r is None)
+                    norm=parts.norm, whole_norm=r is None,
+                    abort_word=getattr(parts.comm, "abort_word", 0) if r is not None else 0)
 
 
 def make_norm(parts):

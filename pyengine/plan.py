@@ -54,7 +54,7 @@ class StepPlan:
     """
 
     def __init__(self, mod, flat, scalars, scaler, optimizer, counts, opt_grads, zero_in_pass, max_norm, main_grads,
-                 bucket_rows=None, combine=None, norm=None, whole_norm=False):
+                 bucket_rows=None, combine=None, norm=None, whole_norm=False, abort_word=0):
         self.mod = mod
         self.device = flat.device
         self.cuda = flat.device.type == "cuda"
@@ -77,6 +77,7 @@ class StepPlan:
         a.loss_scale = scaler.config
         if scaler.host_mirror is not None:
             a.host_mirror = scaler.host_mirror.data_ptr()
+        a.abort_word = abort_word  # data parallel: a step after the communicator's abort is skipped
         # Sharded state: this rank's (found_inf, sumsq) are combined over the ranks between
         # the local fold and the rest (clip, loss scale), by `combine`.
         self._combine, self._flag_and_sumsq = combine, scalars.flag_and_sumsq
@@ -245,7 +246,7 @@ def _with_phase(mod, a, phase):
     """A copy of the StepScalarArgs `a` for one phase."""
     b = mod.StepScalarArgs()
     for name in ("grad", "grad_dtype", "n", "workspace", "bucket_rows", "buckets", "scalars", "inv_scale",
-                 "loss_scale_state", "max_norm", "loss_scale", "host_mirror", "boundaries"):
+                 "loss_scale_state", "max_norm", "loss_scale", "host_mirror", "boundaries", "abort_word"):
         setattr(b, name, getattr(a, name))
     b.phase = phase
     return b

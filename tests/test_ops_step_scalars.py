@@ -12,8 +12,10 @@ from pyengine.scalars import STEP_SLOTS, StepScalars
 C = _native._C
 
 
-def run_fused(scalars, max_norm, grad=None, rows=None, cfg=None, boundaries=None, phase=None):
+def run_fused(scalars, max_norm, grad=None, rows=None, cfg=None, boundaries=None, phase=None, abort_word=None):
     a = C.StepScalarArgs()
+    if abort_word is not None:
+        a.abort_word = abort_word.data_ptr()
     if boundaries is not None:
         a.boundaries = boundaries.data_ptr()
     if phase is not None:
@@ -77,3 +79,20 @@ def test_boundaries_counted_in_int64_by_the_phases_that_finish_a_step():
     before = s.tensor.clone()
     run_fused(s, 1.0, grad=g)  # no counter: nothing counted, nothing else written there
     assert torch.equal(s.tensor[4:8], before[4:8]), "the reserved slots stay untouched"
+
+
+@pytest.mark.parametrize("phase", [None, C.STEP_GLOBAL])
+def test_an_aborted_communicator_flags_the_step(phase):
+    """The abort word set (the communicator aborted: its collectives may have returned
+    part-way) flags the step, so the optimizer skips it; clear, the rows decide."""
+    rows = torch.tensor([[1.5, 0.0], [2.25, 0.0]])
+    word = torch.zeros(1, dtype=torch.int32)
+    for value, flagged in ((0, 0.0), (1, 1.0), (-7, 1.0)):
+        word[0] = value
+        s = StepScalars("cpu", 1.0, 2)
+        if phase == C.STEP_GLOBAL:  # the rows were folded and combined over the ranks before
+            run_fused(s, math.inf, rows=rows, phase=C.STEP_LOCAL, abort_word=word)
+            assert s.found_inf.item() == 0.0, "the local phase leaves the abort to the global one"
+        run_fused(s, math.inf, rows=rows, phase=phase, abort_word=word)
+        assert s.found_inf.item() == flagged, value
+        assert s.loss_scale_state[4].item() == flagged, "counted as a skipped step"

@@ -106,6 +106,7 @@ inline void bind_types(py::module_& m) {
       .def_readwrite("loss_scale", &StepScalarArgs::loss_scale)
       .PE_ADDR_FIELD(StepScalarArgs, float, host_mirror)
       .PE_ADDR_FIELD(StepScalarArgs, std::int64_t, boundaries)
+      .PE_ADDR_FIELD(StepScalarArgs, const std::int32_t, abort_word)
       .def_readwrite("phase", &StepScalarArgs::phase);
 
   py::dict step_slots;

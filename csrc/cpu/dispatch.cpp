@@ -181,6 +181,7 @@ void step_scalars(const StepScalarArgs& a, Stream s) {
     }
   }
   if (a.phase == kStepLocal) return;
+  if (a.abort_word != nullptr && *static_cast<const volatile std::int32_t*>(a.abort_word) != 0) sc[kFoundInf] = 1.0f;
   clip_coef(sc + kSumsq, inv, a.max_norm, sc + kGradNorm, s);
   update_loss_scale(a.loss_scale_state, sc + kFoundInf, a.loss_scale, s);
   if (a.boundaries != nullptr) *a.boundaries += 1;

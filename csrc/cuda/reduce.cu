@@ -105,7 +105,7 @@ __global__ void clear_flag_and_sumsq(float* scalars) {
 // is asked, clip, update the loss scale, count the boundary and mirror the state to the host.
 __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float* sc, const float* inv_scale,
                                   float* ls, float max_norm, LossScaleConfig cfg, float* host_mirror,
-                                  std::int64_t* boundaries, int phase) {
+                                  std::int64_t* boundaries, const std::int32_t* abort_word, int phase) {
   if (rows != nullptr && phase != kStepGlobal) {
     double sum = 0.0;
     float flag = 0.0f;
@@ -118,6 +118,8 @@ __global__ void step_scalars_tail(const float* rows, std::int64_t buckets, float
     sc[kFoundInf] = flag;
   }
   if (phase == kStepLocal) return;
+  // mapped host memory, written by the communicator's watchdog before it aborts (core.h)
+  if (abort_word != nullptr && *static_cast<const volatile std::int32_t*>(abort_word) != 0) sc[kFoundInf] = 1.0f;
   k::clip_coefficient(sc[kSumsq], inv_scale ? *inv_scale : 1.0f, max_norm, sc + kGradNorm);
   k::update_loss_scale(ls, sc[kFoundInf], cfg);
   if (boundaries != nullptr) *boundaries += 1;
@@ -191,7 +193,8 @@ void step_scalars(const StepScalarArgs& a, Stream s) {
   }
   if (a.bucket_rows == nullptr && a.phase == kStepLocal) return;
   step_scalars_tail<<<1, 1, 0, as_stream(s)>>>(a.bucket_rows, a.buckets, a.scalars, a.inv_scale, a.loss_scale_state,
-                                               a.max_norm, a.loss_scale, a.host_mirror, a.boundaries, a.phase);
+                                               a.max_norm, a.loss_scale, a.host_mirror, a.boundaries, a.abort_word,
+                                               a.phase);
   check_launch("step_scalars");
 }
 

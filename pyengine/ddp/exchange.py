@@ -114,6 +114,11 @@ class TreeComm(Comm):
     def control_device(self):
         return self.base.control_device
 
+    @property
+    def abort_word(self) -> int:
+        """The base communicator's: its abort ends this exchange's messages too."""
+        return getattr(self.base, "abort_word", 0)
+
     def _run(self, fn, what):
         """fn(lane) on the next lane: its thread on the CPU, inline on CUDA."""
         lane = self._lanes[self.calls % len(self._lanes)]

@@ -77,6 +77,11 @@ struct StepScalarArgs {
   LossScaleConfig loss_scale;
   float* host_mirror = nullptr;       // pinned host memory: receives the loss-scale state (GPU)
   std::int64_t* boundaries = nullptr; // device: +1 per boundary step (kStepAll, kStepGlobal); null: not counted
+  // The communicator's abort word (host memory the device can read; null: none). Nonzero
+  // once the communicator was aborted: its collectives may have returned part-way, so the
+  // step is flagged as non-finite and skipped (kStepAll, kStepGlobal) instead of applying
+  // partially reduced gradients; the next collective then raises on the host.
+  const std::int32_t* abort_word = nullptr;
   // kStepAll: all of it. Sharded optimizer state (ZeRO-1) splits it around an allreduce of
   // this rank's (found_inf, sumsq): kStepLocal folds them, kStepGlobal does the rest.
   int phase = 0;
