@@ -11,6 +11,7 @@ ceiling applies ("% peak" = time those bytes need at the ceilings / measured tim
   flatten     100 tensors -> flat     r s, w d                          copy
               (ops.flatten checks its arguments every call; ops.FlatCopy once)
   full step   norm pass + AdamW pass  4 read + 28 update = 32 (PyTorch's sequence: 48)
+  adamw, 124M flat (CUDA)             r 12 + grad 2, w 12 + model 2 (+ grad cleared 2)  update
 """
 import torch
 
@@ -120,6 +121,25 @@ def full_step_case(n, dev, tensors=100):
             n * 48)
 
 
+GPT2_124M = 124_439_808  # GPT-2 small's parameters (tied embeddings): one flat buffer
+
+
+def flat_adamw_cases(n, dev):
+    """The engine's AdamW pass over one model's flat buffers: fp32 master and moments, bf16
+    gradient read with the clip multiplier, bf16 model copy written, and the gradient cleared
+    in the same pass or not (the engine clears it there: one write instead of a fill pass)."""
+    master, m, v = torch.randn(n, device=dev) * 0.02, torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+    grad = (torch.randn(n, device=dev) * 1e-3).to(torch.bfloat16)
+    model = torch.empty(n, device=dev, dtype=torch.bfloat16)
+    step = torch.zeros(1, dtype=torch.int64, device=dev)
+    flag, coef = torch.zeros(1, device=dev), torch.ones(1, device=dev)
+    for clear in (True, False):
+        yield (f"adamw, {n / 1e6:.0f}M flat", "bf16 grad" + (" cleared" if clear else "") + " + model",
+               {"update": n * (24 + 2 + 2 + (2 if clear else 0))},
+               lambda clear=clear: ops.adamw_step(master, m, v, grad, step, lr=1e-4, weight_decay=0.1,
+                                                  found_inf=flag, grad_scale=coef, model=model, zero_grad=clear))
+
+
 def run(args):
     dev = args.device
     sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24]
@@ -150,6 +170,9 @@ def run(args):
     name, label, nbytes, ours, ref, torch_bytes = full_step_case(n_step, dev)
     t_ours, t_torch = side_by_side([ours, ref], dev, repeats=max(5, repeats // 2))
     record(name, label, n_step, nbytes, t_ours, t_torch, torch_bytes)
+    if dev != "cpu" and not args.quick:  # one model's whole buffer: too slow to repeat on a CPU
+        for name, label, nbytes, ours in flat_adamw_cases(GPT2_124M, dev):
+            record(name, label, GPT2_124M, nbytes, side_by_side([ours], dev, repeats=repeats)[0], None)
     print_table(["op", "dtype", "elements", "ms", "GB/s", "% peak", "torch ms", "speedup"], table)
     path = write_results("kernels", dev, rows, args.out, {"stream_gb_per_s": {k: v / 1e9 for k, v in bw.items()}})
     print(f"wrote {path}")
