@@ -10,8 +10,9 @@
 // kVec elements per loop iteration and issues every load of all of them before any store
 // (the arrays may alias as far as the compiler knows, so a store would hold back the loads
 // after it); consecutive threads take consecutive groups, so every load is coalesced; a group
-// is one 16-byte load for fp32 (8 for fp16/bf16). The grid is sized to the work, at most
-// 8 blocks of 256 threads per SM, and strides over the rest.
+// is one 16-byte load for fp32 (8 for fp16/bf16). The grid is one full wave of this kernel
+// as its registers allow (cudaOccupancyMaxActiveBlocksPerMultiprocessor, cached), or less
+// when the work is small, and strides over the rest.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,6 +25,7 @@
 #include <utility>
 
 #include "pyengine/core.h"
+#include "pyengine/launch_shape.h"
 
 namespace pyengine::cuda {
 
@@ -210,13 +212,14 @@ inline void check(cudaError_t err, const char* op) {
 inline void check_launch(const char* op) { check(cudaGetLastError(), op); }
 
 int sm_count();  // of the current device, cached
+// Blocks of kBlock threads of `kernel` resident per SM of the current device, cached per
+// (kernel, device).
+int blocks_per_sm(const void* kernel);
 
-// Enough blocks of kBlock threads to cover `work` thread-steps, at most 8 per SM (grid-stride beyond).
-inline unsigned grid_for(std::int64_t work) {
-  std::int64_t blocks = (work + kBlock - 1) / kBlock;
-  std::int64_t cap = static_cast<std::int64_t>(sm_count()) * 8;
-  if (blocks > cap) blocks = cap;
-  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
+// Blocks of kBlock threads to cover `work` thread-steps of `kernel`, at most one full wave.
+template <class Kernel> inline unsigned grid_for(Kernel* kernel, std::int64_t work) {
+  const void* k = reinterpret_cast<const void*>(kernel);
+  return static_cast<unsigned>(grid_blocks(work, kBlock, sm_count(), blocks_per_sm(k)));
 }
 
 // The CUDA launch_elementwise: prologue() decides per thread; the arrays' alignment picks the
@@ -227,7 +230,8 @@ void launch_elementwise(const Prologue& prologue, std::int64_t n, Stream s, cons
   const bool vec = (aligned_array(a) && ...);
   constexpr int U = kUnroll<A...>;
   const std::int64_t work = vec ? (n / kVec + U - 1) / U : n;
-  elementwise_kernel<<<grid_for(work), kBlock, 0, as_stream(s)>>>(prologue, n, vec, a...);
+  auto* kernel = &elementwise_kernel<Prologue, A...>;
+  kernel<<<grid_for(kernel, work), kBlock, 0, as_stream(s)>>>(prologue, n, vec, a...);
   check_launch(name);
 }
 

@@ -173,7 +173,8 @@ void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_
       using S = decltype(stag);
       using D = decltype(dtag);
       bool vec = aligned(src, sizeof(S)) && (dst == nullptr || aligned(dst, sizeof(D)));
-      sumsq_stage1<S, D><<<grid_for(chunks * kBlock), kBlock, 0, as_stream(s)>>>(
+      auto* kernel = &sumsq_stage1<S, D>;
+      kernel<<<grid_for(kernel, chunks * kBlock), kBlock, 0, as_stream(s)>>>(
           static_cast<const S*>(src), static_cast<D*>(dst), n, chunks, inv_scale, vec, partials);
       check_launch("unscale_check_sumsq");
     });
