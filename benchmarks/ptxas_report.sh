@@ -51,7 +51,8 @@ def label(name):
         template_args = name.split(">(")[0]  # not the parameter list, which repeats them
         arrays = re.findall(r"Array<([\w:]+)(?: const)?, \(pyengine::cuda::Access\)(\d)>", template_args)
         args = " ".join(f"{DTYPE.get(t, t)}:{ACCESS[a]}" for t, a in arrays)
-        return op, f"{op}({args})"
+        variant = " all-vector" if "elementwise_kernel<true" in name else ""
+        return op, f"{op}({args}){variant}"
     m = re.match(r"void pyengine::cuda::\(anonymous namespace\)::sumsq_stage1<([\w:]+), ([\w:]+)>", name)
     if m:
         return "sumsq_stage1", f"sumsq_stage1(src {DTYPE[m.group(1)]}, dst {DTYPE[m.group(2)]})"
