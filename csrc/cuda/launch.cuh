@@ -154,8 +154,8 @@ template <class A> __device__ __forceinline__ decltype(auto) arg(float& x) {
   else return (x);
 }
 
-// Array a's part of U groups: all vector or all element-wise, one branch around the U loads
-// (a branch per load gets if-converted, both variants' registers live at once).
+// Array a's part of U groups: all vector or all element-wise, one branch around its U loads
+// (a branch per load cost more registers: ptxas, sm_90, fp32 cast_scale 80 against 64).
 template <int U, int W, class A>
 __device__ __forceinline__ void load_array(const A& a, std::int64_t origin, std::int64_t first, std::int64_t step,
                                            std::int64_t groups, bool vec, float (&x)[U][W]) {
