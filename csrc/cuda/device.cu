@@ -1,5 +1,7 @@
 // CUDA backend: loss-scale update kernel and device queries.
+#include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "cuda/launch.cuh"
@@ -58,6 +60,23 @@ int sm_count() {
   if (static_cast<int>(cache.size()) <= dev) cache.resize(dev + 1, 0);
   if (cache[dev] == 0) check(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev), "sm_count");
   return cache[dev];
+}
+
+int blocks_per_sm(const void* kernel) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "blocks_per_sm");
+  std::lock_guard<std::mutex> lock(mu);
+  auto [it, fresh] = cache.try_emplace({kernel, dev}, 0);
+  if (fresh) {
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second, kernel, kBlock, 0);
+    if (err != cudaSuccess) {
+      cache.erase(it);
+      raise_cuda(err, "blocks_per_sm");
+    }
+  }
+  return it->second;
 }
 
 }  // namespace pyengine::cuda

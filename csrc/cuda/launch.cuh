@@ -10,13 +10,21 @@
 // kVec elements per loop iteration and issues every load of all of them before any store
 // (the arrays may alias as far as the compiler knows, so a store would hold back the loads
 // after it); consecutive threads take consecutive groups, so every load is coalesced; a group
-// is one 16-byte load for fp32 (8 for fp16/bf16). The grid is sized to the work, at most
-// 8 blocks of 256 threads per SM, and strides over the rest.
+// is one 16-byte load for fp32 (8 for fp16/bf16) where the array allows it. The host picks a
+// head peel (elements [0, head) one at a time) that lines the most bytes up on group
+// boundaries, and per array whether its groups use vector loads/stores or element-wise ones
+// at the same indices (pyengine/launch_shape.h): one misaligned array no longer sends the
+// others to the scalar path. That choice per array costs registers (ptxas, sm_90: 56 -> 96 for
+// an fp32 accumulate), so a launch whose arrays all line up runs an instantiation without it.
+// The grid is one full wave of this kernel as its registers allow
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor, cached), or less when the work is small,
+// and strides over the rest.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -24,6 +32,7 @@
 #include <utility>
 
 #include "pyengine/core.h"
+#include "pyengine/launch_shape.h"
 
 namespace pyengine::cuda {
 
@@ -57,6 +66,29 @@ template <int W, class T> __device__ __forceinline__ void store(T* p, std::int64
     for (int j = 0; j < W; ++j) pk.v[j] = from_float<T>(x[j]);
     *reinterpret_cast<Pack<T, W>*>(p + i) = pk;
   }
+}
+
+// The same group element by element: for an array that is not aligned for Pack<T, W>.
+template <int W, class T> __device__ __forceinline__ void load_elems(const T* p, std::int64_t i, float (&x)[W]) {
+#pragma unroll
+  for (int j = 0; j < W; ++j) x[j] = to_float(p[i + j]);
+}
+template <int W, class T> __device__ __forceinline__ void store_elems(T* p, std::int64_t i, const float (&x)[W]) {
+  if constexpr (!std::is_same_v<std::remove_const_t<T>, NoArray>) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) p[i + j] = from_float<T>(x[j]);
+  }
+}
+// Vector or element-wise, chosen per array and launch (warp-uniform).
+template <int W, class T>
+__device__ __forceinline__ void load_any(const T* p, std::int64_t i, bool vec, float (&x)[W]) {
+  if (W == 1 || vec) load<W>(p, i, x);
+  else load_elems<W>(p, i, x);
+}
+template <int W, class T>
+__device__ __forceinline__ void store_any(T* p, std::int64_t i, bool vec, const float (&x)[W]) {
+  if (W == 1 || vec) store<W>(p, i, x);
+  else store_elems<W>(p, i, x);
 }
 
 enum class Access { In, Out, InOut, InZero, None };
@@ -93,26 +125,28 @@ template <class Elem> struct Always {
 
 namespace detail {
 
-template <class A, int W> __device__ __forceinline__ void load_one(const A& a, std::int64_t i, float (&x)[W]) {
+template <class A, int W>
+__device__ __forceinline__ void load_one(const A& a, std::int64_t i, bool vec, float (&x)[W]) {
   if constexpr (A::reads) {
-    load<W>(a.p, i, x);
+    load_any<W>(a.p, i, vec, x);
   } else if constexpr (A::access == Access::None) {  // an absent array reads 0
 #pragma unroll
     for (int j = 0; j < W; ++j) x[j] = 0.0f;
   }
 }
-template <class A, int W> __device__ __forceinline__ void store_one(const A& a, std::int64_t i, const float (&x)[W]) {
+template <class A, int W>
+__device__ __forceinline__ void store_one(const A& a, std::int64_t i, bool vec, const float (&x)[W]) {
   if constexpr (A::access == Access::InZero) {
     float z[W] = {};
-    store<W>(a.p, i, z);
+    store_any<W>(a.p, i, vec, z);
   } else if constexpr (A::writes) {
-    store<W>(a.p, i, x);
+    store_any<W>(a.p, i, vec, x);
   }
 }
-template <class A, int W> __device__ __forceinline__ void clear_one(const A& a, std::int64_t i) {
+template <class A, int W> __device__ __forceinline__ void clear_one(const A& a, std::int64_t i, bool vec) {
   if constexpr (A::access == Access::InZero) {
     float z[W] = {};
-    store<W>(a.p, i, z);
+    store_any<W>(a.p, i, vec, z);
   }
 }
 template <class A> __device__ __forceinline__ decltype(auto) arg(float& x) {
@@ -120,69 +154,105 @@ template <class A> __device__ __forceinline__ decltype(auto) arg(float& x) {
   else return (x);
 }
 
-// U groups of W elements at `first`, `first + step`, ...; group g covers [g*W, g*W + W).
-template <int U, int W, class Elem, class... A, std::size_t... K>
-__device__ __forceinline__ void run_groups(const Elem& f, std::int64_t first, std::int64_t step, std::int64_t groups,
-                                           std::index_sequence<K...>, const A&... a) {
-  float x[sizeof...(A)][U][W];
+// Array a's part of U groups: all vector or all element-wise, one branch around its U loads
+// (a branch per load cost more registers: ptxas, sm_90, fp32 cast_scale 80 against 64).
+template <int U, int W, class A>
+__device__ __forceinline__ void load_array(const A& a, std::int64_t origin, std::int64_t first, std::int64_t step,
+                                           std::int64_t groups, bool vec, float (&x)[U][W]) {
+  if (vec) {
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    std::int64_t g = first + u * step;
-    if (g < groups) (load_one<A, W>(a, g * W, x[K][u]), ...);
+    for (int u = 0; u < U; ++u)
+      if (first + u * step < groups) load_one<A, W>(a, origin + (first + u * step) * W, true, x[u]);
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (first + u * step < groups) load_one<A, W>(a, origin + (first + u * step) * W, false, x[u]);
   }
+}
+template <int U, int W, class A>
+__device__ __forceinline__ void store_array(const A& a, std::int64_t origin, std::int64_t first, std::int64_t step,
+                                            std::int64_t groups, bool vec, const float (&x)[U][W]) {
+  if (vec) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (first + u * step < groups) store_one<A, W>(a, origin + (first + u * step) * W, true, x[u]);
+  } else {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (first + u * step < groups) store_one<A, W>(a, origin + (first + u * step) * W, false, x[u]);
+  }
+}
+
+// U groups of W elements at `first`, `first + step`, ...; group g covers elements
+// [origin + g*W, origin + g*W + W). Bit K of `mask`: array K takes the vector path.
+template <int U, int W, class Elem, class... A, std::size_t... K>
+__device__ __forceinline__ void run_groups(const Elem& f, std::int64_t origin, std::int64_t first, std::int64_t step,
+                                           std::int64_t groups, std::uint32_t mask, std::index_sequence<K...>,
+                                           const A&... a) {
+  float x[sizeof...(A)][U][W];
+  (load_array<U, W>(a, origin, first, step, groups, (mask >> K) & 1u, x[K]), ...);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
 #pragma unroll
     for (int j = 0; j < W; ++j) f(arg<A>(x[K][u][j])...);
   }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    std::int64_t g = first + u * step;
-    if (g < groups) (store_one<A, W>(a, g * W, x[K][u]), ...);
-  }
+  (store_array<U, W>(a, origin, first, step, groups, (mask >> K) & 1u, x[K]), ...);
 }
 
-template <int U, int W, class... A>
-__device__ __forceinline__ void clear_groups(std::int64_t first, std::int64_t step, std::int64_t groups,
+template <int U, int W, class... A, std::size_t... K>
+__device__ __forceinline__ void clear_groups(std::int64_t origin, std::int64_t first, std::int64_t step,
+                                             std::int64_t groups, std::uint32_t mask, std::index_sequence<K...>,
                                              const A&... a) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     std::int64_t g = first + u * step;
-    if (g < groups) (clear_one<A, W>(a, g * W), ...);
+    if (g < groups) (clear_one<A, W>(a, origin + g * W, (mask >> K) & 1u), ...);
   }
 }
+
+// The elements done one at a time: [0, head) and the [tail, n) after the last whole group.
+struct Singles {
+  std::int64_t head, tail;
+  __device__ std::int64_t count(std::int64_t n) const { return head + (n - tail); }
+  __device__ std::int64_t element(std::int64_t s) const { return s < head ? s : tail + (s - head); }
+};
 
 }  // namespace detail
 
 // Groups per thread and iteration: enough loads in flight without spilling registers.
 template <class... A> constexpr int kUnroll = sizeof...(A) >= 4 ? 2 : 4;
 
-template <class Prologue, class... A>
-__global__ void elementwise_kernel(Prologue prologue, std::int64_t n, bool vec, A... a) {
+// Elements [head, head + groups*kVec) go in groups of kVec; bit k of `mask`: array k loads and
+// stores them as one vector (else element by element). kAllVector: every array does.
+template <bool kAllVector, class Prologue, class... A>
+__global__ void elementwise_kernel(Prologue prologue, std::int64_t n, int head, std::uint32_t mask, A... a) {
+  if constexpr (kAllVector) mask = ~0u;
   auto plan = prologue();
   if (!plan.run && !plan.clear_only) return;
   constexpr int U = kUnroll<A...>;
   const std::int64_t tid = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   const std::int64_t threads = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  const std::int64_t groups = vec ? n / kVec : 0;
+  const std::int64_t groups = (n - head) / kVec;
   auto seq = std::index_sequence_for<A...>{};
   for (std::int64_t base = tid; base < groups; base += U * threads) {
-    if (plan.run) detail::run_groups<U, kVec>(plan.elem, base, threads, groups, seq, a...);
-    else detail::clear_groups<U, kVec>(base, threads, groups, a...);
+    if (plan.run) detail::run_groups<U, kVec>(plan.elem, head, base, threads, groups, mask, seq, a...);
+    else detail::clear_groups<U, kVec>(head, base, threads, groups, mask, seq, a...);
   }
-  // the elements after the last whole group (or all of them when misaligned), one at a time
-  for (std::int64_t i = groups * kVec + tid; i < n; i += threads) {
-    if (plan.run) detail::run_groups<1, 1>(plan.elem, i, 0, i + 1, seq, a...);
-    else detail::clear_groups<1, 1>(i, 0, i + 1, a...);
+  const detail::Singles singles{head, head + groups * kVec};
+  for (std::int64_t s = tid; s < singles.count(n); s += threads) {
+    const std::int64_t i = singles.element(s);
+    if (plan.run) detail::run_groups<1, 1>(plan.elem, 0, i, 0, i + 1, 0u, seq, a...);
+    else detail::clear_groups<1, 1>(0, i, 0, i + 1, 0u, seq, a...);
   }
 }
 
-inline bool aligned(const void* p, int elem_bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % (static_cast<std::uintptr_t>(elem_bytes) * kVec) == 0;
+template <class A> inline std::uintptr_t address_of(const A& a) {
+  if constexpr (A::access == Access::None) return 0;
+  else return reinterpret_cast<std::uintptr_t>(a.p);
 }
-template <class A> inline bool aligned_array(const A& a) {
-  if constexpr (A::access == Access::None) return true;
-  else return a.p == nullptr || aligned(a.p, sizeof(typename A::type));
+template <class A> constexpr int elem_bytes_of() {
+  if constexpr (A::access == Access::None) return 1;
+  else return static_cast<int>(sizeof(typename A::type));
 }
 
 template <class F> inline void with_dtype(DType t, F&& f) {
@@ -210,24 +280,34 @@ inline void check(cudaError_t err, const char* op) {
 inline void check_launch(const char* op) { check(cudaGetLastError(), op); }
 
 int sm_count();  // of the current device, cached
+// Blocks of kBlock threads of `kernel` resident per SM of the current device, cached per
+// (kernel, device).
+int blocks_per_sm(const void* kernel);
 
-// Enough blocks of kBlock threads to cover `work` thread-steps, at most 8 per SM (grid-stride beyond).
-inline unsigned grid_for(std::int64_t work) {
-  std::int64_t blocks = (work + kBlock - 1) / kBlock;
-  std::int64_t cap = static_cast<std::int64_t>(sm_count()) * 8;
-  if (blocks > cap) blocks = cap;
-  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
+// Blocks of kBlock threads to cover `work` thread-steps of `kernel`, at most one full wave.
+template <class Kernel> inline unsigned grid_for(Kernel* kernel, std::int64_t work) {
+  const void* k = reinterpret_cast<const void*>(kernel);
+  return static_cast<unsigned>(grid_blocks(work, kBlock, sm_count(), blocks_per_sm(k)));
 }
 
-// The CUDA launch_elementwise: prologue() decides per thread; the arrays' alignment picks the
-// vector path (every array must allow 16-byte fp32 / 8-byte half groups).
+// The CUDA launch_elementwise: prologue() decides per thread; the arrays' addresses pick the
+// head peel and which arrays take the vector path (vector_plan).
 template <class Prologue, class... A>
 void launch_elementwise(const Prologue& prologue, std::int64_t n, Stream s, const char* name, const A&... a) {
   if (n == 0) return;
-  const bool vec = (aligned_array(a) && ...);
+  const std::uintptr_t addrs[] = {address_of(a)...};
+  const int elem_bytes[] = {elem_bytes_of<A>()...};
+  const VectorPlan vp = vector_plan(addrs, elem_bytes, static_cast<int>(sizeof...(A)), n, kVec);
   constexpr int U = kUnroll<A...>;
-  const std::int64_t work = vec ? (n / kVec + U - 1) / U : n;
-  elementwise_kernel<<<grid_for(work), kBlock, 0, as_stream(s)>>>(prologue, n, vec, a...);
+  const std::int64_t groups = (n - vp.head) / kVec;
+  const std::int64_t singles = n - groups * kVec;
+  const std::int64_t work = std::max((groups + U - 1) / U, singles);
+  auto go = [&](auto* kernel) {
+    kernel<<<grid_for(kernel, work), kBlock, 0, as_stream(s)>>>(prologue, n, vp.head, vp.mask, a...);
+  };
+  constexpr std::uint32_t kEvery = (1u << sizeof...(A)) - 1;
+  if (vp.mask == kEvery) go(&elementwise_kernel<true, Prologue, A...>);
+  else go(&elementwise_kernel<false, Prologue, A...>);
   check_launch(name);
 }
 

@@ -39,10 +39,11 @@ constexpr int kPerThread = static_cast<int>(kReduceChunk / kBlock);  // 32 eleme
 static_assert(kPerThread % kVec == 0, "chunk must split into vector groups");
 
 // Thread t of a chunk handles groups t, t+kBlock, ... of kVec elements: the same elements in
-// the same order on the vector and the scalar path.
+// the same order on the vector and the scalar path, chosen for src and dst apart (no head
+// peel: the chunks start at element 0, fixed, so that the sum is deterministic).
 template <class S, class D>
 __global__ void sumsq_stage1(const S* src, D* dst, std::int64_t n, std::int64_t chunks, const float* inv_scale,
-                             bool vec, k::SumsqAcc* partials) {
+                             bool src_vec, bool dst_vec, k::SumsqAcc* partials) {
   using Reduce = cub::BlockReduce<k::SumsqAcc, kBlock>;
   __shared__ typename Reduce::TempStorage tmp;
   const float inv = inv_scale ? *inv_scale : 1.0f;
@@ -52,8 +53,8 @@ __global__ void sumsq_stage1(const S* src, D* dst, std::int64_t n, std::int64_t 
     for (int g = 0; g < kPerThread / kVec; ++g) {
       std::int64_t i = base + (static_cast<std::int64_t>(g) * kBlock + threadIdx.x) * kVec;
       float x[kVec];
-      if (vec && i + kVec <= n) {
-        load<kVec>(src, i, x);
+      if (i + kVec <= n) {
+        load_any<kVec>(src, i, src_vec, x);
       } else {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[j] = i + j < n ? to_float(src[i + j]) : 0.0f;
@@ -64,8 +65,8 @@ __global__ void sumsq_stage1(const S* src, D* dst, std::int64_t n, std::int64_t 
         acc.add(x[j]);
       }
       if constexpr (!std::is_same_v<D, NoArray>) {
-        if (vec && i + kVec <= n) {
-          store<kVec>(dst, i, x);
+        if (i + kVec <= n) {
+          store_any<kVec>(dst, i, dst_vec, x);
         } else {
           for (int j = 0; j < kVec && i + j < n; ++j) dst[i + j] = from_float<D>(x[j]);
         }
@@ -174,9 +175,13 @@ void unscale_check_sumsq(const void* src, DType src_dtype, void* dst, DType dst_
     with_optional_dtype(dst, dst_dtype, [&](auto dtag) {
       using S = decltype(stag);
       using D = decltype(dtag);
-      bool vec = aligned(src, sizeof(S)) && (dst == nullptr || aligned(dst, sizeof(D)));
-      sumsq_stage1<S, D><<<grid_for(chunks * kBlock), kBlock, 0, as_stream(s)>>>(
-          static_cast<const S*>(src), static_cast<D*>(dst), n, chunks, inv_scale, vec, partials);
+      const std::uintptr_t addrs[] = {reinterpret_cast<std::uintptr_t>(src), reinterpret_cast<std::uintptr_t>(dst)};
+      const int elem_bytes[] = {static_cast<int>(sizeof(S)), static_cast<int>(sizeof(D))};  // D: NoArray if none
+      const std::uint32_t mask = vector_mask(addrs, elem_bytes, 2, 0, kVec);
+      auto* kernel = &sumsq_stage1<S, D>;
+      kernel<<<grid_for(kernel, chunks * kBlock), kBlock, 0, as_stream(s)>>>(
+          static_cast<const S*>(src), static_cast<D*>(dst), n, chunks, inv_scale, mask & 1u, mask >> 1 & 1u,
+          partials);
       check_launch("unscale_check_sumsq");
     });
   });
