@@ -91,6 +91,17 @@ MUTANTS = [
            "step.py", "self._global_micro = parts.config.grad_accum_steps * parts.world_size",
            "self._global_micro = parts.config.grad_accum_steps",
            ("test_deterministic.py::test_bitwise_equal_at_1_2_and_4_ranks",)),
+    Mutant("failed-backward-keeps-grads", "a caught failure in backward leaves its window's gradients to the next step",
+           "step.py", "            p.guard.discard()", "            pass",
+           ("test_failed_backward.py",)),
+    Mutant("abandon-unordered", "a failed backward's queued CUDA collectives are not ordered before the compute stream",
+           "ddp/overlap.py", "        torch.cuda.current_stream(self.device).wait_stream(self.stream)\n        self._spans = []",
+           "        self._spans = []", ("test_overlap_protocol.py",)),
+    Mutant("replay-skips-host-part", "a replayed CUDA graph shares the live skip flag and misses in-place weight loads",
+           "graph.py", "        pipeline.before_boundary()\n", "", ("test_graph_replay.py",)),
+    Mutant("launch-on-current-device", "the engine's kernels launch on whatever CUDA device is current",
+           "devices.py", "        if index is None or torch.cuda.current_device() == index:",
+           "        if True:", ("test_device_guard.py",)),
 ]
 
 
