@@ -14,4 +14,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &pyengine::cpu::num_threads);
   m.def("simd_level", &pyengine::cpu::simd_level);
   m.attr("__version__") = PE_VERSION;
+  // CommGuard's CPU test harness, defined in csrc/comm/comm_guard_probe.cpp.
+  void bind_comm_guard_probe(pybind11::module_&);
+  bind_comm_guard_probe(m);
 }
