@@ -12,17 +12,17 @@
 //   - poll(), from the watchdog's loop, retries a pending abort each time it runs.
 //
 // Note: NCCL communicators are not thread-safe: only one thread may operate a communicator at
-// a time, ncclCommGetAsyncError included. Hence try_use() for the watchdog's own queries, and
-// an abort that waits for the enqueue in progress to leave instead of racing it.
+// a time, and nothing exempts ncclCommGetAsyncError or ncclCommAbort. Hence try_use() for the
+// watchdog's own queries, and an abort that waits for the enqueue in progress to leave.
 //
 // Note: an enqueue that never leaves (a blocking NCCL call waiting on a peer that died) would
 // keep the abort pending forever, and the process hung. NCCL documents ncclCommAbort as
 // aborting the operations still running on the device, and makes abort callable at any point
 // only for nonblocking communicators; it does not document that ncclCommAbort unblocks a
 // blocking host call made by another thread. So the guard waits, and only once an abort has
-// waited stuck_after_s for the same enqueue does it abort anyway, concurrently: by then the
-// enqueuing thread is lost either way, and a communicator left unaborted hangs the job on every
-// rank. The reason then says so. stuck_after_s = infinity never aborts concurrently.
+// waited stuck_after_s for the enqueue in progress (no other can start after a request) does
+// it abort anyway, concurrently: by then that call is lost either way, and without the abort
+// the process hangs. The reason then says so. stuck_after_s = infinity never aborts concurrently.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -37,7 +37,8 @@
 namespace pyengine::comm {
 
 // Sets an abort word (pinned, device-mapped host memory in NcclComm) to 1 and fences, so the
-// store is visible to the device before anything this thread does next (ncclCommAbort).
+// store is visible to the device before anything this thread does next. The thread that then
+// aborts, if another, saw the request published after this store (CommGuard::request_abort).
 inline void raise_abort_word(std::int32_t* word) {
   if (word == nullptr) return;
   __atomic_store_n(word, 1, __ATOMIC_SEQ_CST);
