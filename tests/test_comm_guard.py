@@ -120,3 +120,14 @@ def test_stuck_enqueue_is_aborted_anyway_after_the_bound():
     probe.join()
     assert probe.aborts == 1
 
+
+def test_watchdog_queries_only_an_idle_healthy_communicator():
+    """ncclCommGetAsyncError goes through try_use: never beside an enqueue, never after an abort."""
+    probe = _C._CommGuardProbe(POLL, NEVER)
+    assert probe.try_query()
+    probe.start_enqueue(0.3)
+    assert not probe.try_query()
+    probe.join()
+    assert probe.try_query()
+    probe.request_abort("peer died")
+    assert not probe.try_query()

@@ -126,8 +126,10 @@ class CommGuard {
   void try_perform() {
     if (!requested_.load()) return;
     std::unique_lock<std::mutex> lock(enqueue_mu_, std::try_to_lock);
-    if (lock.owns_lock()) return perform_once(false);
-    if (stuck_past_bound()) perform_once(true);  // else retried at the next poll
+    if (lock.owns_lock())
+      perform_once(false);
+    else if (stuck_past_bound())
+      perform_once(true);  // else retried at the next poll
   }
 
   bool stuck_past_bound() {

@@ -164,6 +164,7 @@ void bind_comm_guard_probe(pybind11::module_& m) {
       .def("request_abort_from_threads", &Probe::request_abort_from_threads, py::arg("n"), nogil)
       .def("poll", [](Probe& p) { p.guard().poll(); }, nogil)
       .def("check", [](Probe& p) { p.guard().check(); }, nogil)
+      .def("try_query", [](Probe& p) { return p.guard().try_use([] {}); }, nogil)
       .def_property_readonly("abort_requested", [](Probe& p) { return p.guard().abort_requested(); })
       .def_property_readonly("abort_performed", [](Probe& p) { return p.guard().abort_performed(); })
       .def_property_readonly("reason", [](Probe& p) { return p.guard().reason(); })
