@@ -81,3 +81,31 @@ def test_nccl_sendrecv_to_itself_at_world_size_one(world_of_one):
     tree.all_gather(out, x).wait()
     torch.cuda.synchronize()
     assert torch.equal(x, ref) and torch.equal(out, ref) and tree.rounds == 0
+
+
+def test_nccl_abort_raises_the_abort_word_and_later_collectives_fail(world_of_one):
+    """abort() sets the mapped abort word (read here through its host address) before the
+    communicator goes, and a collective after it raises CommError with the reason, on the
+    host, before reaching NCCL."""
+    import ctypes
+
+    from pyengine.comm.base import CommError
+    from pyengine.comm.nccl_comm import NcclComm
+
+    comm = NcclComm(timeout=30.0, device="cuda:0")
+    assert comm.abort_word != 0
+    word = ctypes.c_int32.from_address(comm._c.abort_word_host())
+    x = torch.ones(1024, device="cuda")
+    comm.allreduce(x, average=False).wait()
+    torch.cuda.synchronize()
+    assert word.value == 0
+    comm.abort("simulated peer failure")
+    assert word.value == 1 and comm._c.aborted
+    for call in (lambda: comm.allreduce(x, average=False),
+                 lambda: comm.reduce_scatter(x[:1024], x, average=False),
+                 lambda: comm.all_gather(x, x[:1024]),
+                 lambda: comm.point_to_point(30.0).exchange(x, x.clone(), 0)):
+        with pytest.raises(CommError, match="simulated peer failure"):
+            call()
+    with pytest.raises(CommError, match="simulated peer failure"):
+        comm.check()

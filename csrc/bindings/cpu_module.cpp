@@ -24,4 +24,7 @@ PYBIND11_MODULE(_C, m) {
     auto plan = pyengine::vector_plan(addrs.data(), elem_bytes.data(), static_cast<int>(addrs.size()), n, vec);
     return pybind11::make_tuple(plan.head, plan.mask);
   }, pybind11::arg("addrs"), pybind11::arg("elem_bytes"), pybind11::arg("n"), pybind11::arg("vec"));
+  // CommGuard's CPU test harness, defined in csrc/comm/comm_guard_probe.cpp.
+  void bind_comm_guard_probe(pybind11::module_&);
+  bind_comm_guard_probe(m);
 }

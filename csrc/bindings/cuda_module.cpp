@@ -49,6 +49,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def("check", &pc::NcclComm::check, nogil)
       .def("abort", &pc::NcclComm::abort, py::arg("why") = "", nogil)
       .def_property_readonly("aborted", &pc::NcclComm::aborted)
+      .def("abort_word", &pc::NcclComm::abort_word)
+      .def("abort_word_host", &pc::NcclComm::abort_word_host)
       .def_property_readonly("rank", &pc::NcclComm::rank)
       .def_property_readonly("world_size", &pc::NcclComm::world_size);
 }

@@ -5,6 +5,10 @@
 // and only then searches. The watchdog thread polls each collective's completion event and
 // ncclCommGetAsyncError; an error, or a collective older than the timeout, aborts the
 // communicator, so the next check() raises instead of the job hanging forever.
+//
+// Note: every call into the communicator goes through CommGuard (comm_guard.h): the main
+// thread's enqueues under its mutex, the watchdog's query and abort only when no enqueue is
+// in progress, since NCCL communicators take one thread at a time.
 #include "comm/nccl_comm.h"
 
 #include <cuda_runtime.h>
@@ -19,6 +23,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "comm/comm_guard.h"
 #include "comm/nccl_abi.h"
 
 namespace pyengine::comm {
@@ -125,10 +130,27 @@ int nccl_version() {
 }
 
 struct NcclComm::State {
+  // An abort that has waited a whole collective timeout for an enqueue to leave is performed
+  // anyway (see comm_guard.h).
+  State(int rank, double timeout)
+      : timeout_s(timeout),
+        guard({[this] { raise_abort_word(word_host); },
+               [this] {
+                 if (comm) lib().abort(comm);  // pending kernels return early; the comm is gone after
+               }},
+              "pyengine.NcclComm (rank " + std::to_string(rank) + ")", timeout) {}
+  ~State() {
+    if (word_host) cudaFreeHost(word_host);
+  }
+
   Comm comm = nullptr;
   int device = 0;
-  double timeout_s = 300.0;
-  std::mutex mu;
+  double timeout_s;
+  // The abort word: 0 while healthy, 1 from just before ncclCommAbort (see abort_word()).
+  std::int32_t* word_host = nullptr;
+  void* word_device = nullptr;
+  CommGuard guard;
+  std::mutex mu;  // pending, stop
   std::condition_variable cv;
   struct Pending {
     cudaEvent_t event;
@@ -137,15 +159,7 @@ struct NcclComm::State {
   };
   std::deque<Pending> pending;
   std::atomic<bool> stop{false};
-  std::atomic<bool> aborted{false};
-  std::string error;
   std::thread watchdog;
-
-  void abort_locked(const std::string& why) {
-    if (aborted.exchange(true)) return;
-    error = why;
-    if (comm) lib().abort(comm);  // makes pending kernels return; the comm is unusable after
-  }
 
   void run() {
     using namespace std::chrono;
@@ -153,11 +167,14 @@ struct NcclComm::State {
     std::unique_lock<std::mutex> lock(mu);
     while (!stop) {
       cv.wait_for(lock, milliseconds(50));
-      if (aborted) continue;
+      guard.poll();  // a pending abort, once the enqueue in progress has left
+      if (guard.abort_requested()) continue;
       Result async = nccl::kSuccess;
-      if (comm && lib().get_async_error(comm, &async) == nccl::kSuccess && async != nccl::kSuccess &&
-          async != nccl::kInProgress) {
-        abort_locked(std::string("NCCL reported an asynchronous error: ") + lib().error_string(async));
+      bool asked = guard.try_use([&] {
+        if (lib().get_async_error(comm, &async) != nccl::kSuccess) async = nccl::kSuccess;
+      });
+      if (asked && async != nccl::kSuccess && async != nccl::kInProgress) {
+        guard.request_abort(std::string("NCCL reported an asynchronous error: ") + lib().error_string(async));
         continue;
       }
       while (!pending.empty()) {
@@ -165,14 +182,16 @@ struct NcclComm::State {
         if (q == cudaErrorNotReady) {
           double age = duration<double>(steady_clock::now() - pending.front().start).count();
           if (age > timeout_s)
-            abort_locked(std::string(pending.front().op) + " did not complete within " + std::to_string(timeout_s) +
-                         " s (a peer rank died, stalled or issued a different collective); communicator aborted");
+            guard.request_abort(std::string(pending.front().op) + " did not complete within " +
+                                std::to_string(timeout_s) +
+                                " s (a peer rank died, stalled or issued a different collective); "
+                                "communicator aborted");
           break;
         }
         cudaEventDestroy(pending.front().event);
         pending.pop_front();
         if (q != cudaSuccess) {
-          abort_locked(std::string("CUDA error after ") + "collective: " + cudaGetErrorString(q));
+          guard.request_abort(std::string("CUDA error after ") + "collective: " + cudaGetErrorString(q));
           break;
         }
       }
@@ -181,7 +200,7 @@ struct NcclComm::State {
 };
 
 NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int device, double timeout_s)
-    : st_(std::make_shared<State>()), rank_(rank), world_(world_size) {
+    : st_(std::make_shared<State>(rank, timeout_s)), rank_(rank), world_(world_size) {
   if (unique_id.size() != static_cast<size_t>(nccl::kUniqueIdBytes))
     throw std::invalid_argument("NcclComm: unique_id must be 128 bytes (from nccl_unique_id on rank 0)");
   if (world_size < 1 || rank < 0 || rank >= world_size)
@@ -193,7 +212,10 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world_size, int d
   std::memcpy(id.internal, unique_id.data(), nccl::kUniqueIdBytes);
   check_cuda(cudaSetDevice(device), "init");
   st_->device = device;
-  st_->timeout_s = timeout_s;
+  check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&st_->word_host), sizeof(std::int32_t), cudaHostAllocMapped),
+             "init (abort word)");
+  *st_->word_host = 0;
+  check_cuda(cudaHostGetDevicePointer(&st_->word_device, st_->word_host, 0), "init (abort word)");
   check_nccl(lib().comm_init_rank(&st_->comm, world_size, id, rank), "init");
   auto st = st_;
   st_->watchdog = std::thread([st] { st->run(); });
@@ -207,20 +229,21 @@ NcclComm::~NcclComm() {
   st_->cv.notify_all();
   if (st_->watchdog.joinable()) st_->watchdog.join();
   for (auto& p : st_->pending) cudaEventDestroy(p.event);
-  if (st_->comm && !st_->aborted) lib().destroy(st_->comm);
+  // an abort still waiting for its poll runs now; a healthy communicator is destroyed
+  if (!st_->guard.abort_if_requested() && st_->comm) lib().destroy(st_->comm);
 }
 
-void NcclComm::check() const {
-  std::lock_guard<std::mutex> lock(st_->mu);
-  if (!st_->error.empty()) throw std::runtime_error("pyengine.NcclComm (rank " + std::to_string(rank_) + "): " + st_->error);
-}
+void NcclComm::check() const { st_->guard.check(); }
 
 void NcclComm::abort(const std::string& why) {
-  std::lock_guard<std::mutex> lock(st_->mu);
-  st_->abort_locked(why.empty() ? "aborted by the application" : why);
+  st_->guard.request_abort(why.empty() ? "aborted by the application" : why);
 }
 
-bool NcclComm::aborted() const { return st_->aborted; }
+bool NcclComm::aborted() const { return st_->guard.abort_requested(); }
+
+std::uintptr_t NcclComm::abort_word() const { return reinterpret_cast<std::uintptr_t>(st_->word_device); }
+
+std::uintptr_t NcclComm::abort_word_host() const { return reinterpret_cast<std::uintptr_t>(st_->word_host); }
 
 void NcclComm::watch_after_enqueue(Stream stream, const char* op) {
   cudaEvent_t ev;
@@ -234,9 +257,11 @@ void NcclComm::allreduce(std::uintptr_t buf, std::int64_t n, DType dtype, bool a
   check();
   if (n < 0) throw std::invalid_argument("NcclComm.allreduce: n must be >= 0");
   void* p = reinterpret_cast<void*>(buf);
-  check_nccl(lib().all_reduce(p, p, static_cast<size_t>(n), nccl_dtype(dtype), average ? nccl::kAvg : nccl::kSum,
-                              st_->comm, as_stream(stream)),
-             "allreduce");
+  st_->guard.enqueue([&] {
+    check_nccl(lib().all_reduce(p, p, static_cast<size_t>(n), nccl_dtype(dtype), average ? nccl::kAvg : nccl::kSum,
+                                st_->comm, as_stream(stream)),
+               "allreduce");
+  });
   watch_after_enqueue(stream, "allreduce");
 }
 
@@ -244,10 +269,12 @@ void NcclComm::reduce_scatter(std::uintptr_t send, std::uintptr_t recv, std::int
                               bool average, Stream stream) {
   check();
   if (recv_count < 0) throw std::invalid_argument("NcclComm.reduce_scatter: recv_count must be >= 0");
-  check_nccl(lib().reduce_scatter(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv),
-                                  static_cast<size_t>(recv_count), nccl_dtype(dtype),
-                                  average ? nccl::kAvg : nccl::kSum, st_->comm, as_stream(stream)),
-             "reduce_scatter");
+  st_->guard.enqueue([&] {
+    check_nccl(lib().reduce_scatter(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv),
+                                    static_cast<size_t>(recv_count), nccl_dtype(dtype),
+                                    average ? nccl::kAvg : nccl::kSum, st_->comm, as_stream(stream)),
+               "reduce_scatter");
+  });
   watch_after_enqueue(stream, "reduce_scatter");
 }
 
@@ -255,9 +282,11 @@ void NcclComm::all_gather(std::uintptr_t send, std::uintptr_t recv, std::int64_t
                           Stream stream) {
   check();
   if (send_count < 0) throw std::invalid_argument("NcclComm.all_gather: send_count must be >= 0");
-  check_nccl(lib().all_gather(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv),
-                              static_cast<size_t>(send_count), nccl_dtype(dtype), st_->comm, as_stream(stream)),
-             "all_gather");
+  st_->guard.enqueue([&] {
+    check_nccl(lib().all_gather(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv),
+                                static_cast<size_t>(send_count), nccl_dtype(dtype), st_->comm, as_stream(stream)),
+               "all_gather");
+  });
   watch_after_enqueue(stream, "all_gather");
 }
 
@@ -266,8 +295,10 @@ void NcclComm::broadcast(std::uintptr_t buf, std::int64_t n, DType dtype, int ro
   if (root < 0 || root >= world_) throw std::invalid_argument("NcclComm.broadcast: root out of range");
   if (n < 0) throw std::invalid_argument("NcclComm.broadcast: n must be >= 0");
   void* p = reinterpret_cast<void*>(buf);
-  check_nccl(lib().broadcast(p, p, static_cast<size_t>(n), nccl_dtype(dtype), root, st_->comm, as_stream(stream)),
-             "broadcast");
+  st_->guard.enqueue([&] {
+    check_nccl(lib().broadcast(p, p, static_cast<size_t>(n), nccl_dtype(dtype), root, st_->comm, as_stream(stream)),
+               "broadcast");
+  });
   watch_after_enqueue(stream, "broadcast");
 }
 
@@ -282,15 +313,17 @@ void NcclComm::sendrecv(std::uintptr_t send, std::int64_t send_count, std::uintp
   const Lib& l = lib();
   if (l.send == nullptr) throw std::runtime_error("pyengine.NcclComm.sendrecv: this NCCL has no ncclSend/ncclRecv");
   int dt = nccl_dtype(dtype);
-  check_nccl(l.group_start(), "sendrecv");
-  Result rs = l.send(reinterpret_cast<const void*>(send), static_cast<size_t>(send_count), dt, peer, st_->comm,
-                     as_stream(stream));
-  Result rr = l.recv(reinterpret_cast<void*>(recv), static_cast<size_t>(recv_count), dt, peer, st_->comm,
-                     as_stream(stream));
-  Result re = l.group_end();
-  check_nccl(rs, "sendrecv (send)");
-  check_nccl(rr, "sendrecv (recv)");
-  check_nccl(re, "sendrecv (group)");
+  st_->guard.enqueue([&] {  // the whole group, from this one thread
+    check_nccl(l.group_start(), "sendrecv");
+    Result rs = l.send(reinterpret_cast<const void*>(send), static_cast<size_t>(send_count), dt, peer, st_->comm,
+                       as_stream(stream));
+    Result rr = l.recv(reinterpret_cast<void*>(recv), static_cast<size_t>(recv_count), dt, peer, st_->comm,
+                       as_stream(stream));
+    Result re = l.group_end();
+    check_nccl(rs, "sendrecv (send)");
+    check_nccl(rr, "sendrecv (recv)");
+    check_nccl(re, "sendrecv (group)");
+  });
   watch_after_enqueue(stream, "sendrecv");
 }
 

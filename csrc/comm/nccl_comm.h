@@ -31,11 +31,18 @@ class NcclComm {
   void sendrecv(std::uintptr_t send, std::int64_t send_count, std::uintptr_t recv, std::int64_t recv_count,
                 DType dtype, int peer, Stream stream);
 
-  // Raises (std::runtime_error) if the watchdog found an error or a timeout.
+  // Raises (std::runtime_error) once an abort was requested: the watchdog found an error or a
+  // timeout, or abort() was called. The collectives raise the same way before enqueuing.
   void check() const;
-  // Aborts the communicator: pending collectives fail, later calls raise.
+  // Aborts the communicator: pending collectives fail, later calls raise. If a collective is
+  // being enqueued on another thread, ncclCommAbort runs once that enqueue has left.
   void abort(const std::string& why);
   bool aborted() const;
+  // The abort word: device address of an int32 in pinned, mapped host memory, 0 while healthy,
+  // set to 1 before ncclCommAbort runs, so device code can skip work that would consume what
+  // an aborted collective left half done. Valid for this communicator's lifetime.
+  std::uintptr_t abort_word() const;
+  std::uintptr_t abort_word_host() const;  // the same int32's host address
   int rank() const { return rank_; }
   int world_size() const { return world_; }
 

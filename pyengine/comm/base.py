@@ -30,6 +30,7 @@ class Comm(abc.ABC):
     world_size: int
     name: str
     group = None
+    abort_word = 0  # device address of an int32 that turns 1 before the communicator aborts; 0: none
 
     @abc.abstractmethod
     def allreduce(self, tensor, average: bool):

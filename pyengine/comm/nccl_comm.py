@@ -76,18 +76,28 @@ class NcclComm(Comm):
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def check(self):
+        self._call(self._c.check)
+
+    def _call(self, fn, *args):
+        """fn(*args), its RuntimeError (an abort, an NCCL error) raised as CommError."""
         try:
-            self._c.check()
+            return fn(*args)
         except RuntimeError as exc:
             raise CommError(f"{exc}. A peer rank probably died, raised or stalled past comm_timeout; "
                             "the job cannot continue (check the other ranks' errors)") from exc
+
+    @property
+    def abort_word(self) -> int:
+        """Device address of an int32 in mapped host memory: 0 while healthy, 1 from just before
+        the communicator aborts (watchdog or abort()), for device code to skip on."""
+        return self._c.abort_word() if self._c is not None else 0
 
     def allreduce(self, tensor, average: bool):
         v = view(tensor, "tensor", writable=True)
         if not v.is_cuda:
             raise ValueError("NcclComm.allreduce: tensor must be on a CUDA device")
         self.calls += 1
-        self._c.allreduce(v.ptr, v.numel, v.dtype, bool(average), self._stream())
+        self._call(self._c.allreduce, v.ptr, v.numel, v.dtype, bool(average), self._stream())
         return _Work(self)
 
     def _pair(self, op, output, input, big, small):
@@ -105,12 +115,12 @@ class NcclComm(Comm):
 
     def reduce_scatter(self, output, input, average: bool):
         o, i = self._pair("reduce_scatter", output, input, "input", "output")
-        self._c.reduce_scatter(i.ptr, o.ptr, o.numel, o.dtype, bool(average), self._stream())
+        self._call(self._c.reduce_scatter, i.ptr, o.ptr, o.numel, o.dtype, bool(average), self._stream())
         return _Work(self)
 
     def all_gather(self, output, input):
         o, i = self._pair("all_gather", output, input, "output", "input")
-        self._c.all_gather(i.ptr, o.ptr, i.numel, i.dtype, self._stream())
+        self._call(self._c.all_gather, i.ptr, o.ptr, i.numel, i.dtype, self._stream())
         return _Work(self)
 
     def point_to_point(self, timeout: float):
@@ -138,7 +148,8 @@ class _NcclPointToPoint:
         if not (s.is_cuda and r.is_cuda) or s.dtype != r.dtype:
             raise ValueError("NcclComm.sendrecv: CUDA tensors of one dtype")
         self._comm.calls += 1
-        self._comm._c.sendrecv(s.ptr, s.numel, r.ptr, r.numel, s.dtype, int(peer), self._comm._stream())
+        c = self._comm
+        c._call(c._c.sendrecv, s.ptr, s.numel, r.ptr, r.numel, s.dtype, int(peer), c._stream())
         self._comm.check()
 
     def close(self):
